@@ -1,0 +1,1 @@
+"""stscreds: per-request temporary AWS credentials for ASGI and WSGI apps."""
