@@ -1,1 +1,29 @@
-"""stscreds: per-request temporary AWS credentials for ASGI and WSGI apps."""
+"""stscreds: per-request temporary AWS credentials for ASGI and WSGI apps.
+
+The app is its own OIDC issuer: stscreds signs a short JWT, trades it at STS
+AssumeRoleWithWebIdentity, caches the result per identity and refreshes it ahead of expiry.
+"""
+
+from ._asgi import CredentialsMiddleware
+from ._broker import BrokerStats, CredentialBroker
+from ._clock import Clock, SystemClock
+from ._credentials import Credentials
+from ._errors import CredentialsRejected, CredentialsUnavailable, STSUnavailable
+from ._roles import Role
+from ._signing import SigningKey
+
+__all__ = [
+    "BrokerStats",
+    "Clock",
+    "CredentialBroker",
+    "Credentials",
+    "CredentialsMiddleware",
+    "CredentialsRejected",
+    "CredentialsUnavailable",
+    "Role",
+    "STSUnavailable",
+    "SigningKey",
+    "SystemClock",
+]
+
+__version__ = "0.1.0.dev0"

@@ -1,0 +1,175 @@
+"""CredentialsMiddleware: pure ASGI; puts each request's credentials in ``scope["state"]``."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from ._broker import CredentialBroker
+from ._errors import CredentialsUnavailable
+from ._roles import Role
+
+__all__ = ["CredentialsMiddleware", "error_body"]
+
+logger = logging.getLogger("stscreds")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+RoleResolver = Callable[[Scope], "Role | Awaitable[Role | None] | None"]
+ErrorHandler = Callable[
+    [Scope, CredentialsUnavailable], "ASGIApp | Awaitable[ASGIApp | None] | None"
+]
+
+#: Seconds a client is told to wait after a 503.
+RETRY_AFTER = 5
+# Websocket close codes: 1013 "try again later", 1011 "internal error".
+_WS_UNAVAILABLE, _WS_REJECTED = 1013, 1011
+
+
+def error_body(error: CredentialsUnavailable) -> dict[str, Any]:
+    """The JSON body stscreds answers a failed request with (no secrets, no STS message)."""
+    if error.status_code == 503:
+        text = "AWS credentials are temporarily unavailable"
+    else:
+        text = "AWS credentials were refused for this request"
+    return {"error": text, "code": error.code}
+
+
+class CredentialsMiddleware:
+    """Resolves each request's Role and puts its Credentials in ``scope["state"][state_key]``.
+
+    Also answers the issuer's ``/.well-known/openid-configuration`` and ``jwks.json``.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        broker: CredentialBroker,
+        resolve_role: RoleResolver,
+        state_key: str = "aws_credentials",
+        on_error: ErrorHandler | None = None,
+        serve_oidc: bool = True,
+        oidc_max_age: int = 300,
+    ) -> None:
+        if not isinstance(broker, CredentialBroker):
+            raise TypeError("broker: must be a CredentialBroker")
+        if not callable(resolve_role):
+            raise TypeError("resolve_role: must be callable")
+        if not isinstance(state_key, str) or not state_key:
+            raise ValueError("state_key: must be a non-empty string")
+        if isinstance(oidc_max_age, bool) or not isinstance(oidc_max_age, int) or oidc_max_age < 1:
+            # AWS refuses a JWKS served with no-cache; a zero max-age amounts to the same.
+            raise ValueError("oidc_max_age: must be a positive number of seconds")
+        self.app = app
+        self.broker = broker
+        self.resolve_role = resolve_role
+        self.state_key = state_key
+        self.on_error = on_error
+        self._resolve_is_async = inspect.iscoroutinefunction(
+            resolve_role
+        ) or inspect.iscoroutinefunction(getattr(resolve_role, "__call__", None))  # noqa: B004
+        base = urlsplit(broker.issuer).path.rstrip("/")
+        self._documents: dict[str, tuple[bytes, list[tuple[bytes, bytes]]]] = {}
+        if serve_oidc:
+            for path, document in (
+                (f"{base}/.well-known/openid-configuration", broker.openid_configuration()),
+                (f"{base}/.well-known/jwks.json", broker.jwks()),
+            ):
+                self._documents[path] = _static_json(document, oidc_max_age)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            if scope["path"] in self._documents:
+                await self._serve_document(scope, send)
+                return
+        elif kind != "websocket":
+            await self.app(scope, receive, send)
+            return
+        role = self.resolve_role(scope)
+        if self._resolve_is_async:
+            role = await role  # type: ignore[misc]
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        if role is None:
+            state[self.state_key] = None
+        else:
+            credentials = self.broker.get_cached(role)  # type: ignore[arg-type]
+            if credentials is None:
+                try:
+                    credentials = await self.broker.fetch(role)  # type: ignore[arg-type]
+                except CredentialsUnavailable as error:
+                    await self._fail(scope, receive, send, error)
+                    return
+            state[self.state_key] = credentials
+        await self.app(scope, receive, send)
+
+    async def _fail(
+        self, scope: Scope, receive: Receive, send: Send, error: CredentialsUnavailable
+    ) -> None:
+        if self.on_error is not None:
+            response = self.on_error(scope, error)
+            if inspect.isawaitable(response):
+                response = await response
+            if response is not None:
+                await response(scope, receive, send)
+                return
+        if scope["type"] == "websocket":
+            code = _WS_UNAVAILABLE if error.status_code == 503 else _WS_REJECTED
+            await send({"type": "websocket.close", "code": code})
+            return
+        body = json.dumps(error_body(error)).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        if error.status_code == 503:
+            headers.append((b"retry-after", str(RETRY_AFTER).encode()))
+        await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _serve_document(self, scope: Scope, send: Send) -> None:
+        body, headers = self._documents[scope["path"]]
+        method = scope["method"]
+        if method not in ("GET", "HEAD"):
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 405,
+                    "headers": [(b"allow", b"GET, HEAD"), (b"content-length", b"0")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b""})
+            return
+        etag = headers[-1][1]
+        status = 200
+        for name, value in scope.get("headers", ()):
+            if name == b"if-none-match" and etag in value:
+                status, body = 304, b""
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+
+
+def _static_json(document: dict[str, Any], max_age: int) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    body = json.dumps(document, separators=(",", ":")).encode()
+    etag = b'"' + hashlib.sha256(body).hexdigest()[:32].encode() + b'"'
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        # AWS refuses to use a JWKS served with no-cache headers; let it (and CDNs) cache.
+        (b"cache-control", f"public, max-age={max_age}".encode()),
+        (b"access-control-allow-origin", b"*"),
+        (b"etag", etag),
+    ]
+    return body, headers

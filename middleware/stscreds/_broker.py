@@ -1,0 +1,280 @@
+"""CredentialBroker: role -> cached credentials, minting and exchanging once per identity."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from cachetools import LRUCache
+
+from ._cache import Failure, new_cache, plan_entry, retry_delay
+from ._clock import Clock, SystemClock
+from ._credentials import Credentials
+from ._errors import CredentialsRejected, CredentialsUnavailable, STSUnavailable
+from ._exchange import ExchangeRequest, StsExchanger
+from ._roles import Role, identity_key, sanitize_session_name
+from ._signing import SigningKey, TokenMinter
+
+__all__ = ["BrokerStats", "CredentialBroker"]
+
+logger = logging.getLogger("stscreds")
+
+
+@dataclass(slots=True)
+class BrokerStats:
+    """Counters since the broker was made: cache hits, exchanges and their outcomes."""
+
+    hits: int = 0
+    misses: int = 0
+    exchanges: int = 0
+    exchange_failures: int = 0
+    background_refreshes: int = 0
+    negative_hits: int = 0
+
+
+class CredentialBroker:
+    """Gives temporary credentials for a Role: from cache, or by one JWT + STS exchange.
+
+    Knows nothing of HTTP; ``await broker.get(role)`` works in any coroutine. A broker serves
+    one event loop at a time (the loop its in-flight exchanges run on).
+    """
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        signing_keys: Sequence[SigningKey],
+        region: str = "us-east-1",
+        sts_endpoint_url: str | None = None,
+        audience: str = "sts.amazonaws.com",
+        default_subject: str = "stscreds",
+        token_ttl: int = 300,
+        cache_size: int = 10_000,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 5.0,
+        exchange_deadline: float = 10.0,
+        max_attempts: int = 3,
+        max_workers: int = 8,
+        negative_ttl: tuple[float, float] = (1.0, 5.0),
+        clock: Clock | None = None,
+    ) -> None:
+        self._clock: Clock = clock or SystemClock()
+        self._minter = TokenMinter(
+            issuer=issuer,
+            audience=audience,
+            keys=signing_keys,
+            token_ttl=token_ttl,
+            clock=self._clock,
+        )
+        # Validates the default subject the same way as Role.subject.
+        Role("arn:aws:iam::000000000000:role/x", subject=default_subject)
+        low, high = negative_ttl
+        if not 0 <= low <= high:
+            raise ValueError("negative_ttl: must be (low, high) with 0 <= low <= high")
+        self._cache = new_cache(cache_size)
+        self._exchanger = StsExchanger(
+            region=region,
+            endpoint_url=sts_endpoint_url,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            deadline=exchange_deadline,
+            max_attempts=max_attempts,
+            max_workers=max_workers,
+        )
+        self.default_subject = default_subject
+        self._negative_ttl = (low, high)
+        self._failures: LRUCache[str, Failure] = LRUCache(maxsize=cache_size)
+        self._inflight: dict[str, asyncio.Task[Credentials]] = {}
+        # Role -> identity key, so a hit does not re-encode and re-hash the identity.
+        self._keys: dict[Role, str] = {}
+        self._keys_max = cache_size * 2
+        self.stats = BrokerStats()
+
+    @property
+    def issuer(self) -> str:
+        """The issuer URL (``iss``) without a trailing slash."""
+        return self._minter.issuer
+
+    @property
+    def audience(self) -> str:
+        """The ``aud`` claim of minted tokens."""
+        return self._minter.audience
+
+    @property
+    def sts_endpoint_url(self) -> str:
+        """The STS endpoint exchanges go to."""
+        return self._exchanger.endpoint_url
+
+    def jwks(self) -> dict[str, Any]:
+        """The JWKS publishing every signing key (serve it at the issuer's jwks_uri)."""
+        return self._minter.jwks()
+
+    def openid_configuration(self) -> dict[str, Any]:
+        """The issuer's OpenID Connect Discovery document."""
+        return self._minter.openid_configuration()
+
+    def identity_key(self, role: Role) -> str:
+        """The digest naming the identity ``role`` resolves to under this broker."""
+        key = self._keys.get(role)
+        if key is None:
+            subject = role.subject or self.default_subject
+            key = identity_key(
+                role,
+                issuer=self._minter.issuer,
+                audience=self._minter.audience,
+                sts_endpoint=self._exchanger.endpoint_url,
+                region=self._exchanger.region,
+                subject=subject,
+                session_name=role.session_name or sanitize_session_name(subject),
+            )
+            if len(self._keys) >= self._keys_max:
+                self._keys.clear()
+            self._keys[role] = key
+        return key
+
+    def get_cached(self, role: Role) -> Credentials | None:
+        """Cached credentials for ``role`` if usable now, else None; never waits or raises.
+
+        In the advisory window it starts the one background refresh (needs a running loop).
+        This is the whole cache-hit path: a dict lookup, an LRU touch, a time comparison.
+        """
+        key = self._keys.get(role) or self.identity_key(role)
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        now = self._clock.time()
+        if now < entry.refresh_at:
+            self.stats.hits += 1
+            return entry.credentials
+        if now < entry.mandatory_at:
+            # Advisory window: one background refresh, everyone keeps the valid credentials.
+            self.stats.hits += 1
+            if now >= entry.retry_at and key not in self._inflight:
+                self.stats.background_refreshes += 1
+                self._start(key, role)
+            return entry.credentials
+        return None
+
+    async def get(self, role: Role) -> Credentials:
+        """Credentials for ``role`` with more than the mandatory window (60 s) left.
+
+        Concurrent callers for one identity share one exchange. Raises CredentialsRejected
+        (STS refused) or STSUnavailable (STS down, slow or throttling).
+        """
+        credentials = self.get_cached(role)
+        if credentials is not None:
+            return credentials
+        return await self.fetch(role)
+
+    async def fetch(self, role: Role) -> Credentials:
+        """Wait for the (single, shared) exchange for ``role``; used when the cache missed."""
+        key = self.identity_key(role)
+        self.stats.misses += 1
+        failure = self._failures.get(key)
+        if failure is not None:
+            if self._clock.time() < failure.until:
+                self.stats.negative_hits += 1
+                raise failure.error._copy()
+            del self._failures[key]
+        task = self._inflight.get(key)
+        if task is None or task.get_loop() is not asyncio.get_running_loop():
+            task = self._start(key, role)
+        # shield: a cancelled caller (client gone) must not cancel the exchange others await.
+        return await asyncio.shield(task)
+
+    def invalidate(self, role: Role) -> None:
+        """Forget cached credentials and remembered errors for ``role``."""
+        key = self.identity_key(role)
+        self._cache.pop(key, None)
+        self._failures.pop(key, None)
+
+    def _start(self, key: str, role: Role) -> asyncio.Task[Credentials]:
+        task = asyncio.get_running_loop().create_task(self._refresh(key, role))
+        self._inflight[key] = task
+        task.add_done_callback(partial(self._finished, key))
+        return task
+
+    def _finished(self, key: str, task: asyncio.Task[Credentials]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            # Marks a background refresh's error as seen; it was handled in _refresh.
+            task.exception()
+
+    async def _refresh(self, key: str, role: Role) -> Credentials:
+        subject = role.subject or self.default_subject
+        request = ExchangeRequest(
+            role_arn=role.arn,
+            session_name=role.session_name or sanitize_session_name(subject),
+            duration_seconds=role.duration_seconds,
+            policy=role.policy,
+        )
+        self.stats.exchanges += 1
+        try:
+            credentials = await self._exchanger.exchange(
+                request, partial(self._minter.mint, subject, role.claims)
+            )
+            now = self._clock.time()
+            if credentials.seconds_left(now) <= 60:
+                raise STSUnavailable(
+                    "STS returned credentials that expire within 60 s (check the clock)",
+                    role_arn=role.arn,
+                )
+        except CredentialsUnavailable as error:
+            self._record_failure(key, role, error)
+            raise
+        self._cache[key] = plan_entry(credentials, now, lifetime=role.duration_seconds)
+        self._failures.pop(key, None)
+        return credentials
+
+    def _record_failure(self, key: str, role: Role, error: CredentialsUnavailable) -> None:
+        self.stats.exchange_failures += 1
+        now = self._clock.time()
+        if isinstance(error, CredentialsRejected):
+            low, high = self._negative_ttl
+            self._failures[key] = Failure(error, now + random.uniform(low, high))  # noqa: S311
+        entry = self._cache.get(key)
+        if entry is not None and now < entry.mandatory_at:
+            entry.failures += 1
+            entry.retry_at = now + retry_delay(entry.failures, now, entry.mandatory_at)
+            logger.warning(
+                "stscreds: background refresh failed for %s (%s); serving cached credentials "
+                "until %.0fs before expiry, next try in %.0fs",
+                role.arn,
+                error.code or type(error).__name__,
+                entry.expires_at - entry.mandatory_at,
+                entry.retry_at - now,
+            )
+        else:
+            logger.warning(
+                "stscreds: no credentials for %s: %s", role.arn, error.code or error.message
+            )
+
+    async def aclose(self) -> None:
+        """Cancel in-flight exchanges and release the STS client and its threads."""
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._exchanger.close()
+
+    def close(self) -> None:
+        """Release the STS client and its threads (in-flight exchanges fail)."""
+        self._exchanger.close()
+
+    async def __aenter__(self) -> CredentialBroker:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return (
+            f"CredentialBroker(issuer={self.issuer!r}, sts_endpoint_url={self.sts_endpoint_url!r}, "
+            f"cached={len(self._cache)})"
+        )

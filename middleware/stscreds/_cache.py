@@ -1,0 +1,110 @@
+"""The in-process (L1) cache and its refresh policy: when to refresh, when to wait, when to stop."""
+
+from __future__ import annotations
+
+import random
+
+from cachetools import LRUCache
+
+from ._credentials import Credentials
+from ._errors import CredentialsUnavailable
+
+__all__ = [
+    "MANDATORY_WINDOW",
+    "CacheEntry",
+    "Failure",
+    "advisory_window",
+    "plan_entry",
+    "retry_delay",
+]
+
+#: Seconds before expiry inside which callers wait for fresh credentials; credentials with
+#: less than this left are never handed out.
+MANDATORY_WINDOW = 60.0
+#: Failed background refreshes are never retried more often than this.
+MIN_RETRY_DELAY = 5.0
+MAX_RETRY_DELAY = 300.0
+# Spread refreshes of entries minted together over the first quarter of their window.
+_JITTER_FRACTION = 0.25
+
+
+def advisory_window(lifetime: float) -> float:
+    """Seconds before expiry at which a background refresh starts, scaled by the lifetime.
+
+    5 / 15 / 60 minutes for lifetimes <= 20 min / < 90 min / longer, so a 15 minute session
+    is not refreshed on every call (the trap of a fixed 15 minute window).
+    """
+    if lifetime <= 20 * 60:
+        return 5 * 60.0
+    if lifetime < 90 * 60:
+        return 15 * 60.0
+    return 60 * 60.0
+
+
+class CacheEntry:
+    """Cached credentials with the POSIX times that drive refresh-ahead."""
+
+    __slots__ = ("credentials", "expires_at", "failures", "mandatory_at", "refresh_at", "retry_at")
+
+    def __init__(
+        self, credentials: Credentials, expires_at: float, refresh_at: float, mandatory_at: float
+    ) -> None:
+        self.credentials = credentials
+        self.expires_at = expires_at
+        self.refresh_at = refresh_at
+        self.mandatory_at = mandatory_at
+        # A failed background refresh pushes the next try out to here.
+        self.retry_at = refresh_at
+        self.failures = 0
+
+    def __repr__(self) -> str:
+        return f"CacheEntry({self.credentials!r}, refresh_at={self.refresh_at:.0f})"
+
+
+def plan_entry(
+    credentials: Credentials,
+    now: float,
+    *,
+    lifetime: float | None = None,
+    rng: random.Random | None = None,
+) -> CacheEntry:
+    """Build the cache entry for ``credentials`` received at ``now``.
+
+    ``lifetime`` is the credentials' whole lifetime when known (defaults to what is left).
+    """
+    expires_at = credentials.expiration.timestamp()
+    window = advisory_window(expires_at - now if lifetime is None else lifetime)
+    mandatory = min(MANDATORY_WINDOW, window)
+    jitter = (rng or random).uniform(0.0, _JITTER_FRACTION)
+    refresh_at = expires_at - window * (1.0 - jitter)
+    return CacheEntry(credentials, expires_at, refresh_at, expires_at - mandatory)
+
+
+def retry_delay(
+    failures: int, now: float, mandatory_at: float, rng: random.Random | None = None
+) -> float:
+    """Seconds to wait before retrying a failed background refresh.
+
+    Exponential with jitter, never below MIN_RETRY_DELAY, and short enough to leave at least one
+    more try before the mandatory window when time allows.
+    """
+    backoff: float = (rng or random).uniform(1.0, 2.0) * MIN_RETRY_DELAY * 2 ** max(0, failures - 1)
+    backoff = min(backoff, MAX_RETRY_DELAY)
+    return max(MIN_RETRY_DELAY, min(backoff, (mandatory_at - now) / 2))
+
+
+class Failure:
+    """A remembered non-recoverable error, raised again (as a fresh copy) until ``until``."""
+
+    __slots__ = ("error", "until")
+
+    def __init__(self, error: CredentialsUnavailable, until: float) -> None:
+        self.error = error
+        self.until = until
+
+
+def new_cache(maxsize: int) -> LRUCache[str, CacheEntry]:
+    """A bounded LRU map of identity key to entry (expiry is checked by the broker)."""
+    if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+        raise ValueError("cache_size: must be an integer >= 1")
+    return LRUCache(maxsize=maxsize)

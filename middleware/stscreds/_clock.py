@@ -1,0 +1,26 @@
+"""Injectable time source, so refresh logic is tested without sleeping."""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+__all__ = ["Clock", "SystemClock"]
+
+
+class Clock(Protocol):
+    """A source of wall-clock time in seconds since the epoch (UTC)."""
+
+    def time(self) -> float:
+        """Return the current time as a POSIX timestamp."""
+        ...
+
+
+class SystemClock:
+    """The real wall clock (``time.time``)."""
+
+    __slots__ = ()
+
+    def time(self) -> float:
+        """Return ``time.time()``."""
+        return time.time()

@@ -1,0 +1,50 @@
+"""Exceptions raised when credentials cannot be had."""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["CredentialsRejected", "CredentialsUnavailable", "STSUnavailable"]
+
+# A JWT is three base64url segments; STS messages can quote parts of the token, so anything
+# shaped like one is cut from a message before it reaches an exception or a log line.
+_JWT_LIKE = re.compile(r"eyJ[\w-]*\.[\w-]*\.[\w-]*|eyJ[\w-]{8,}")
+_MAX_MESSAGE = 300
+
+
+def redact(message: str) -> str:
+    """Return ``message`` with anything shaped like a JWT removed and its length capped."""
+    cleaned = _JWT_LIKE.sub("<redacted>", message)
+    return cleaned if len(cleaned) <= _MAX_MESSAGE else cleaned[: _MAX_MESSAGE - 3] + "..."
+
+
+class CredentialsUnavailable(Exception):
+    """No credentials could be had for a role; ``code`` is the STS error code, if STS gave one."""
+
+    #: HTTP status the middlewares answer with for this error.
+    status_code: int = 503
+
+    def __init__(self, message: str, *, code: str | None = None, role_arn: str | None = None):
+        self.message = redact(message)
+        self.code = code
+        self.role_arn = role_arn
+        super().__init__(self.message)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, code={self.code!r})"
+
+    def _copy(self) -> CredentialsUnavailable:
+        # Negative caching raises a fresh instance each time, so tracebacks never pile up.
+        return type(self)(self.message, code=self.code, role_arn=self.role_arn)
+
+
+class CredentialsRejected(CredentialsUnavailable):
+    """STS refused the exchange for a reason retrying will not fix (AccessDenied, bad token...)."""
+
+    status_code = 502
+
+
+class STSUnavailable(CredentialsUnavailable):
+    """STS could not be reached in time or answered with a transient error (5xx, Throttling...)."""
+
+    status_code = 503

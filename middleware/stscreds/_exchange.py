@@ -1,0 +1,210 @@
+"""The STS side: AssumeRoleWithWebIdentity over botocore, off the event loop, with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import botocore.session
+from botocore import UNSIGNED
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from ._credentials import Credentials
+from ._errors import CredentialsRejected, CredentialsUnavailable, STSUnavailable
+
+__all__ = ["NON_RECOVERABLE_CODES", "TRANSIENT_CODES", "StsExchanger", "classify_error"]
+
+logger = logging.getLogger("stscreds")
+
+#: STS error codes retrying will not fix.
+NON_RECOVERABLE_CODES = frozenset(
+    {
+        "AccessDenied",
+        "IDPRejectedClaim",
+        "InvalidIdentityToken",
+        "MalformedPolicyDocument",
+        "PackedPolicyTooLarge",
+        "RegionDisabledException",
+        "ExpiredTokenException",
+    }
+)
+#: STS error codes worth retrying (within the exchange deadline).
+TRANSIENT_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "IDPCommunicationError",
+        "ServiceUnavailable",
+        "InternalFailure",
+        "InternalError",
+        "RequestTimeout",
+    }
+)
+
+
+def classify_error(error: BaseException, role_arn: str | None = None) -> CredentialsUnavailable:
+    """Map a botocore error to ``CredentialsRejected`` or ``STSUnavailable`` (no secrets)."""
+    if isinstance(error, CredentialsUnavailable):
+        return error
+    if isinstance(error, ClientError):
+        info = error.response.get("Error", {})
+        code = info.get("Code") or None
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        message = f"STS {code or 'error'}: {info.get('Message') or 'no message'}"
+        if code in NON_RECOVERABLE_CODES:
+            return CredentialsRejected(message, code=code, role_arn=role_arn)
+        if code in TRANSIENT_CODES or status >= 500 or status == 429:
+            return STSUnavailable(message, code=code, role_arn=role_arn)
+        # Any other 4xx (ValidationError, InvalidParameterValue...) is a request STS will
+        # refuse again however often it is sent.
+        return CredentialsRejected(message, code=code, role_arn=role_arn)
+    if isinstance(error, BotoCoreError | OSError):
+        # Connection refused/reset, DNS, connect and read timeouts: the endpoint, not the role.
+        return STSUnavailable(f"STS unreachable: {type(error).__name__}", role_arn=role_arn)
+    return STSUnavailable(f"STS exchange failed: {type(error).__name__}", role_arn=role_arn)
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeRequest:
+    """One AssumeRoleWithWebIdentity call's parameters (the token is never printed)."""
+
+    role_arn: str
+    session_name: str
+    duration_seconds: int
+    policy: str | None
+
+    def params(self, token: str) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "RoleArn": self.role_arn,
+            "RoleSessionName": self.session_name,
+            "WebIdentityToken": token,
+            "DurationSeconds": self.duration_seconds,
+        }
+        if self.policy is not None:
+            params["Policy"] = self.policy
+        return params
+
+
+class StsExchanger:
+    """Trades web identity tokens for credentials with one unsigned botocore STS client.
+
+    Blocking botocore calls run on a dedicated bounded thread pool, each exchange has one
+    overall deadline, and transient errors are retried with jittered backoff inside it.
+    """
+
+    def __init__(
+        self,
+        *,
+        region: str = "us-east-1",
+        endpoint_url: str | None = None,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 5.0,
+        deadline: float = 10.0,
+        max_attempts: int = 3,
+        max_workers: int = 8,
+        retry_base_delay: float = 0.2,
+    ) -> None:
+        if not isinstance(region, str) or not region:
+            raise ValueError("region: must be a non-empty string")
+        for name, value in (
+            ("connect_timeout", connect_timeout),
+            ("read_timeout", read_timeout),
+            ("deadline", deadline),
+        ):
+            if not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"{name}: must be a positive number of seconds")
+        if not isinstance(max_attempts, int) or max_attempts < 1:
+            raise ValueError("max_attempts: must be an integer >= 1")
+        if not isinstance(max_workers, int) or max_workers < 1:
+            raise ValueError("max_workers: must be an integer >= 1")
+        session = botocore.session.get_session()
+        # The regional endpoint keeps STS traffic (and its failures) in the app's region.
+        session.set_config_variable("sts_regional_endpoints", "regional")
+        config = Config(
+            signature_version=UNSIGNED,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            # stscreds retries itself, inside its own deadline; botocore must not add more.
+            retries={"total_max_attempts": 1},
+            max_pool_connections=max_workers,
+        )
+        self._client = session.create_client(
+            "sts", region_name=region, endpoint_url=endpoint_url, config=config
+        )
+        self.region = region
+        self.endpoint_url: str = self._client.meta.endpoint_url
+        self.deadline = float(deadline)
+        self.max_attempts = max_attempts
+        self.retry_base_delay = retry_base_delay
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="stscreds-sts")
+
+    async def exchange(self, request: ExchangeRequest, mint: Callable[[], str]) -> Credentials:
+        """Mint a token with ``mint`` and call AssumeRoleWithWebIdentity, both on the pool.
+
+        Raises CredentialsRejected or STSUnavailable; never blocks the event loop.
+        """
+        loop = asyncio.get_running_loop()
+        deadline_at = loop.time() + self.deadline
+        # Signing (RSA: about a millisecond of CPU) runs on the pool too.
+        params = request.params(await loop.run_in_executor(self._pool, mint))
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline_at - loop.time()
+            if remaining <= 0:
+                raise STSUnavailable(
+                    f"STS did not answer within {self.deadline:g}s", role_arn=request.role_arn
+                )
+            try:
+                response = await asyncio.wait_for(
+                    loop.run_in_executor(self._pool, self._call, params), remaining
+                )
+            except asyncio.TimeoutError:
+                raise STSUnavailable(
+                    f"STS did not answer within {self.deadline:g}s", role_arn=request.role_arn
+                ) from None
+            except Exception as exc:
+                error = classify_error(exc, request.role_arn)
+                if isinstance(error, CredentialsRejected) or attempt >= self.max_attempts:
+                    raise error from None
+                delay = random.uniform(0.5, 1.0) * self.retry_base_delay * 2 ** (attempt - 1)  # noqa: S311
+                if loop.time() + delay >= deadline_at:
+                    raise error from None
+                logger.info(
+                    "stscreds: transient STS error %s for %s, retry %d in %.2fs",
+                    error.code or type(exc).__name__,
+                    request.role_arn,
+                    attempt,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            return _credentials_from(response)
+
+    def _call(self, params: dict[str, Any]) -> dict[str, Any]:
+        return self._client.assume_role_with_web_identity(**params)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Release the thread pool and the HTTP connections."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+
+
+def _credentials_from(response: dict[str, Any]) -> Credentials:
+    try:
+        raw = response["Credentials"]
+        return Credentials(
+            access_key_id=raw["AccessKeyId"],
+            secret_access_key=raw["SecretAccessKey"],
+            session_token=raw["SessionToken"],
+            expiration=raw["Expiration"],
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise STSUnavailable("STS answered without usable credentials") from None

@@ -1,0 +1,190 @@
+"""What a request needs credentials for (``Role``) and the digest that names one identity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+__all__ = ["RESERVED_CLAIMS", "Role", "identity_key"]
+
+_ROLE_ARN = re.compile(
+    r"arn:(?:aws|aws-cn|aws-us-gov|aws-iso|aws-iso-[a-z]|aws-eusc):iam::\d{12}:"
+    r"role/(?:/|/?[\x21-\x7e]+/)?[\w+=,.@-]{1,64}",
+    re.ASCII,
+)
+_SESSION_NAME = re.compile(r"[\w+=,.@-]{2,64}", re.ASCII)
+_SESSION_NAME_CHARS = re.compile(r"[^\w+=,.@-]", re.ASCII)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+#: Claims stscreds sets itself; a role's ``claims`` may not override them.
+RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "iat", "nbf", "jti"})
+
+
+def _canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _parse_policy(policy: str | Mapping[str, Any] | None) -> tuple[str | None, Any]:
+    """Return the policy as sent to STS and its parsed form (for the canonical encoding)."""
+    if policy is None:
+        return None, None
+    if isinstance(policy, str):
+        try:
+            parsed = json.loads(policy)
+        except ValueError:
+            raise ValueError("policy: not valid JSON") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("policy: must be a JSON object")
+        return policy, parsed
+    if isinstance(policy, Mapping):
+        try:
+            text = json.dumps(dict(policy), separators=(",", ":"))
+        except (TypeError, ValueError):
+            raise ValueError("policy: not JSON-serializable") from None
+        return text, json.loads(text)
+    raise ValueError("policy: must be a JSON object or a JSON string of one")
+
+
+def _freeze_claims(claims: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    if claims is None:
+        return None
+    if not isinstance(claims, Mapping):
+        raise ValueError("claims: must be a mapping")
+    if not all(isinstance(k, str) for k in claims):
+        raise ValueError("claims: keys must be strings")
+    clash = RESERVED_CLAIMS.intersection(claims)
+    if clash:
+        raise ValueError(f"claims: may not override reserved claims {sorted(clash)}")
+    try:
+        # A JSON round trip both proves the claims serialize and detaches them from the
+        # caller's objects, so a later mutation cannot change a Role that is already a key.
+        copied = json.loads(json.dumps(dict(claims)))
+    except (TypeError, ValueError):
+        raise ValueError("claims: not JSON-serializable") from None
+    return MappingProxyType(copied)
+
+
+def sanitize_session_name(value: str) -> str:
+    """Turn any string into a valid RoleSessionName (2-64 chars of ``[\\w+=,.@-]``)."""
+    cleaned = _SESSION_NAME_CHARS.sub("-", value)[:64]
+    return cleaned if len(cleaned) >= 2 else (cleaned + "--")[:2]
+
+
+@dataclass(frozen=True, eq=False)
+class Role:
+    """An IAM role to assume and everything that shapes the credentials for it; validated."""
+
+    arn: str
+    subject: str | None = None
+    session_name: str | None = None
+    duration_seconds: int = 3600
+    policy: str | None = None
+    claims: Mapping[str, Any] | None = None
+    _canonical: str = field(init=False, repr=False)
+    _hash: int = field(init=False, repr=False)
+
+    def __init__(
+        self,
+        arn: str,
+        subject: str | None = None,
+        session_name: str | None = None,
+        duration_seconds: int = 3600,
+        policy: str | Mapping[str, Any] | None = None,
+        claims: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(arn, str) or not _ROLE_ARN.fullmatch(arn):
+            raise ValueError(
+                "arn: not an IAM role ARN (arn:<partition>:iam::<account>:role/<name>)"
+            )
+        if subject is not None and (
+            not isinstance(subject, str) or not 1 <= len(subject) <= 255 or _CONTROL.search(subject)
+        ):
+            raise ValueError("subject: must be 1-255 characters without control characters")
+        if session_name is not None and (
+            not isinstance(session_name, str) or not _SESSION_NAME.fullmatch(session_name)
+        ):
+            raise ValueError("session_name: must be 2-64 characters of [\\w+=,.@-]")
+        if (
+            isinstance(duration_seconds, bool)
+            or not isinstance(duration_seconds, int)
+            or not 900 <= duration_seconds <= 43200
+        ):
+            raise ValueError("duration_seconds: must be an integer from 900 to 43200")
+        policy_text, policy_parsed = _parse_policy(policy)
+        frozen_claims = _freeze_claims(claims)
+        canonical = _canonical_json(
+            [
+                arn,
+                subject,
+                session_name,
+                duration_seconds,
+                policy_parsed,
+                None if frozen_claims is None else dict(frozen_claims),
+            ]
+        )
+        set_ = object.__setattr__
+        set_(self, "arn", arn)
+        set_(self, "subject", subject)
+        set_(self, "session_name", session_name)
+        set_(self, "duration_seconds", duration_seconds)
+        set_(self, "policy", policy_text)
+        set_(self, "claims", frozen_claims)
+        set_(self, "_canonical", canonical)
+        set_(self, "_hash", hash(canonical))
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not Role:
+            return NotImplemented
+        return self._canonical == other._canonical
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        parts = [f"arn={self.arn!r}"]
+        if self.subject is not None:
+            parts.append(f"subject={self.subject!r}")
+        if self.session_name is not None:
+            parts.append(f"session_name={self.session_name!r}")
+        if self.duration_seconds != 3600:
+            parts.append(f"duration_seconds={self.duration_seconds}")
+        if self.policy is not None:
+            parts.append("policy=...")
+        if self.claims is not None:
+            parts.append(f"claims={sorted(self.claims)}")
+        return f"Role({', '.join(parts)})"
+
+
+def identity_key(
+    role: Role,
+    *,
+    issuer: str,
+    audience: str,
+    sts_endpoint: str,
+    region: str,
+    subject: str,
+    session_name: str,
+) -> str:
+    """Return the hex SHA-256 digest naming one identity: equal only for identical inputs.
+
+    ``subject`` and ``session_name`` are the values actually used (after the broker's
+    defaults), so a role with ``subject=None`` and one naming the default subject share a key.
+    """
+    encoded = _canonical_json(
+        [
+            "stscreds/1",
+            issuer,
+            audience,
+            sts_endpoint,
+            region,
+            subject,
+            session_name,
+            role._canonical,
+        ]
+    )
+    return hashlib.sha256(encoded.encode()).hexdigest()
