@@ -10,15 +10,17 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from cachetools import LRUCache
+from cachetools import Cache, LRUCache
 
-from ._cache import Failure, new_cache, plan_entry, retry_delay
+from ._cache import MANDATORY_WINDOW, Failure, new_cache, plan_entry, retry_delay
 from ._clock import Clock, SystemClock
 from ._credentials import Credentials
 from ._errors import CredentialsRejected, CredentialsUnavailable, STSUnavailable
 from ._exchange import ExchangeRequest, StsExchanger
 from ._roles import Role, identity_key, sanitize_session_name
+from ._shared import SharedTier, StoreStats
 from ._signing import SigningKey, TokenMinter
+from .stores import CredentialStore
 
 __all__ = ["BrokerStats", "CredentialBroker"]
 
@@ -61,6 +63,9 @@ class CredentialBroker:
         max_attempts: int = 3,
         max_workers: int = 8,
         negative_ttl: tuple[float, float] = (1.0, 5.0),
+        store: CredentialStore | None = None,
+        store_timeout: float = 0.25,
+        lease_ttl: float | None = None,
         clock: Clock | None = None,
     ) -> None:
         self._clock: Clock = clock or SystemClock()
@@ -94,6 +99,22 @@ class CredentialBroker:
         self._keys: dict[Role, str] = {}
         self._keys_max = cache_size * 2
         self.stats = BrokerStats()
+        # The lease must outlive one whole exchange, or a slow holder loses it mid-call.
+        self._shared = (
+            None
+            if store is None
+            else SharedTier(
+                store,
+                clock=self._clock,
+                op_timeout=store_timeout,
+                lease_ttl=lease_ttl if lease_ttl is not None else exchange_deadline + 5.0,
+            )
+        )
+
+    @property
+    def store_stats(self) -> StoreStats | None:
+        """Counters of the shared store tier, or None without a store."""
+        return None if self._shared is None else self._shared.stats
 
     @property
     def issuer(self) -> str:
@@ -160,6 +181,23 @@ class CredentialBroker:
             return entry.credentials
         return None
 
+    def peek(self, role: Role) -> Credentials | None:
+        """Cached credentials for ``role`` if no refresh is due yet, else None.
+
+        Safe to call from any thread (it only reads; it neither touches LRU order nor starts
+        work), so a WSGI worker thread can serve a hit without a hop to the broker's loop.
+        """
+        key = self._keys.get(role) or self.identity_key(role)
+        try:
+            # The base Cache lookup: a plain read, without LRUCache's reordering.
+            entry = Cache.__getitem__(self._cache, key)
+        except KeyError:
+            return None
+        if self._clock.time() < entry.refresh_at:
+            self.stats.hits += 1
+            return entry.credentials
+        return None
+
     async def get(self, role: Role) -> Credentials:
         """Credentials for ``role`` with more than the mandatory window (60 s) left.
 
@@ -207,6 +245,26 @@ class CredentialBroker:
             task.exception()
 
     async def _refresh(self, key: str, role: Role) -> Credentials:
+        entry = self._cache.get(key)
+        try:
+            if self._shared is None:
+                credentials = await self._exchange(role)
+                lifetime: float = role.duration_seconds
+            else:
+                credentials, lifetime = await self._shared.obtain(
+                    key,
+                    partial(self._exchange, role),
+                    lifetime=role.duration_seconds,
+                    newer_than=None if entry is None else entry.expires_at,
+                )
+        except CredentialsUnavailable as error:
+            self._record_failure(key, role, error)
+            raise
+        self._cache[key] = plan_entry(credentials, self._clock.time(), lifetime=lifetime)
+        self._failures.pop(key, None)
+        return credentials
+
+    async def _exchange(self, role: Role) -> Credentials:
         subject = role.subject or self.default_subject
         request = ExchangeRequest(
             role_arn=role.arn,
@@ -215,21 +273,14 @@ class CredentialBroker:
             policy=role.policy,
         )
         self.stats.exchanges += 1
-        try:
-            credentials = await self._exchanger.exchange(
-                request, partial(self._minter.mint, subject, role.claims)
+        credentials = await self._exchanger.exchange(
+            request, partial(self._minter.mint, subject, role.claims)
+        )
+        if credentials.seconds_left(self._clock.time()) <= MANDATORY_WINDOW:
+            raise STSUnavailable(
+                "STS returned credentials that expire within 60 s (check the clock)",
+                role_arn=role.arn,
             )
-            now = self._clock.time()
-            if credentials.seconds_left(now) <= 60:
-                raise STSUnavailable(
-                    "STS returned credentials that expire within 60 s (check the clock)",
-                    role_arn=role.arn,
-                )
-        except CredentialsUnavailable as error:
-            self._record_failure(key, role, error)
-            raise
-        self._cache[key] = plan_entry(credentials, now, lifetime=role.duration_seconds)
-        self._failures.pop(key, None)
         return credentials
 
     def _record_failure(self, key: str, role: Role, error: CredentialsUnavailable) -> None:
@@ -262,6 +313,8 @@ class CredentialBroker:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._exchanger.close()
+        if self._shared is not None:
+            await self._shared.aclose()
 
     def close(self) -> None:
         """Release the STS client and its threads (in-flight exchanges fail)."""

@@ -1,0 +1,252 @@
+"""The shared tier between the L1 cache and STS: a CredentialStore used with a lease.
+
+One worker per identity exchanges at STS and puts the sealed result; the others wait for it.
+Any store failure (error, timeout, garbage) makes the tier step aside: the broker goes to
+STS directly, a circuit breaker keeps a dead store from adding its timeout to every request,
+and the outage is logged once, not once per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+from ._cache import MANDATORY_WINDOW
+from ._clock import Clock
+from ._credentials import Credentials
+from .stores import CredentialStore
+
+__all__ = ["SharedTier", "StoreStats"]
+
+logger = logging.getLogger("stscreds")
+
+T = TypeVar("T")
+# Credentials read from the store need this much more than the mandatory window left, so a
+# value is not handed out only to enter the mandatory window a moment later.
+_READ_MARGIN = 5.0
+
+
+class _Failed:
+    """Marks a store call that failed, timed out or was skipped by the open breaker."""
+
+
+_FAILED = _Failed()
+
+
+class StoreStats:
+    """Counters of the shared tier."""
+
+    __slots__ = ("errors", "hits", "leases", "outages", "rejected", "waits")
+
+    def __init__(self) -> None:
+        self.hits = 0  # credentials taken from the store
+        self.leases = 0  # leases won (this worker exchanged for the fleet)
+        self.waits = 0  # waits for another worker's exchange
+        self.errors = 0  # failed or timed-out store operations
+        self.outages = 0  # times the breaker opened after the store had been healthy
+        self.rejected = 0  # values that failed to open or parse (tampered, foreign, garbage)
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a dict."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __repr__(self) -> str:
+        return f"StoreStats({self.as_dict()})"
+
+
+class SharedTier:
+    """Reads, leases and writes credentials in a CredentialStore, failing open."""
+
+    def __init__(
+        self,
+        store: CredentialStore,
+        *,
+        clock: Clock,
+        op_timeout: float = 0.25,
+        lease_ttl: float = 15.0,
+        breaker_cooldown: float = 5.0,
+        wait_slice: float = 0.5,
+    ) -> None:
+        if not isinstance(store, CredentialStore):
+            raise TypeError("store: must implement stscreds.stores.CredentialStore")
+        for name, value in (
+            ("store_timeout", op_timeout),
+            ("lease_ttl", lease_ttl),
+            ("breaker_cooldown", breaker_cooldown),
+        ):
+            if not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"{name}: must be a positive number of seconds")
+        self.store = store
+        self._clock = clock
+        self.op_timeout = float(op_timeout)
+        self.lease_ttl = float(lease_ttl)
+        self.breaker_cooldown = float(breaker_cooldown)
+        self.wait_slice = wait_slice
+        self._open_until = 0.0
+        self._outage = False
+        self.stats = StoreStats()
+
+    async def obtain(
+        self,
+        key: str,
+        exchange: Callable[[], Awaitable[Credentials]],
+        *,
+        lifetime: float,
+        newer_than: float | None,
+    ) -> tuple[Credentials, float]:
+        """Credentials for ``key`` from the store, or from ``exchange`` under the lease.
+
+        ``newer_than``: only credentials expiring after this POSIX time will do (a refresh).
+        Returns the credentials and their whole lifetime in seconds.
+        """
+        loop = asyncio.get_running_loop()
+        # A dead holder's lease expires after lease_ttl, then one waiter takes over and needs
+        # one more exchange: wait that long for the fleet before going to STS alone.
+        give_up_at = loop.time() + 2 * self.lease_ttl
+        owner = secrets.token_hex(16)
+        while True:
+            found = await self._read(key, newer_than)
+            if found is not None:
+                return found
+            won = await self._call(self.store.acquire, key, owner, self.lease_ttl)
+            if isinstance(won, _Failed):
+                break
+            if won:
+                self.stats.leases += 1
+                try:
+                    # Someone may have put between our read and our lease.
+                    found = await self._read(key, newer_than)
+                    if found is not None:
+                        return found
+                    try:
+                        credentials = await exchange()
+                    except BaseException:
+                        # Wake the waiters so one of them tries at once instead of waiting
+                        # out its slice for a value that will not come.
+                        await self._call(self.store.notify, key)
+                        raise
+                    await self._write(key, credentials, lifetime)
+                    return credentials, lifetime
+                finally:
+                    await self._call(self.store.release, key, owner)
+            remaining = give_up_at - loop.time()
+            if remaining <= 0:
+                logger.warning("stscreds: gave up waiting for another worker's exchange")
+                break
+            self.stats.waits += 1
+            slice_ = min(remaining, self.wait_slice)
+            if isinstance(
+                await self._call(self.store.wait, key, slice_, timeout=slice_ + 1), _Failed
+            ):
+                break
+        credentials = await exchange()
+        await self._write(key, credentials, lifetime)
+        return credentials, lifetime
+
+    async def _read(self, key: str, newer_than: float | None) -> tuple[Credentials, float] | None:
+        value = await self._call(self.store.get, key)
+        if value is None or isinstance(value, _Failed):
+            return None
+        found = self._decode(key, value)
+        if found is None:
+            self.stats.rejected += 1
+            return None
+        credentials, lifetime = found
+        expires_at = credentials.expiration.timestamp()
+        # The embedded absolute expiry decides, not the store's TTL.
+        if expires_at - self._clock.time() <= MANDATORY_WINDOW + _READ_MARGIN:
+            return None
+        if newer_than is not None and expires_at <= newer_than:
+            return None
+        self.stats.hits += 1
+        return credentials, lifetime
+
+    async def _write(self, key: str, credentials: Credentials, lifetime: float) -> None:
+        ttl = credentials.seconds_left(self._clock.time()) - MANDATORY_WINDOW
+        if ttl <= 0:
+            return
+        value = self.store.cipher.seal(key, _encode(key, credentials, lifetime))
+        if not isinstance(await self._call(self.store.put, key, value, ttl), _Failed):
+            await self._call(self.store.notify, key)
+
+    def _decode(self, key: str, value: Any) -> tuple[Credentials, float] | None:
+        if not isinstance(value, bytes):
+            return None
+        plaintext = self.store.cipher.open(key, value)
+        if plaintext is None:
+            return None
+        try:
+            data = json.loads(plaintext)
+            if data["k"] != key:
+                return None
+            credentials = Credentials(
+                access_key_id=data["a"],
+                secret_access_key=data["s"],
+                session_token=data["t"],
+                expiration=datetime.fromtimestamp(float(data["e"]), timezone.utc),
+            )
+            lifetime = float(data["l"])
+        except (ValueError, KeyError, TypeError, OverflowError):
+            return None
+        if not all(
+            isinstance(v, str) and v
+            for v in (
+                credentials.access_key_id,
+                credentials.secret_access_key,
+                credentials.session_token,
+            )
+        ):
+            return None
+        return credentials, lifetime
+
+    async def _call(
+        self, method: Callable[..., Awaitable[T]], *args: Any, timeout: float | None = None
+    ) -> T | _Failed:
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._open_until:
+            return _FAILED
+        try:
+            result = await asyncio.wait_for(method(*args), timeout or self.op_timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # any store failure means: go on without it
+            self.stats.errors += 1
+            self._open_until = loop.time() + self.breaker_cooldown
+            if not self._outage:
+                self._outage = True
+                self.stats.outages += 1
+                # The type only: a backend's message may quote a value or a password.
+                logger.warning(
+                    "stscreds: shared store unavailable (%s); using STS directly, "
+                    "retrying the store in %.0fs",
+                    type(error).__name__,
+                    self.breaker_cooldown,
+                )
+            return _FAILED
+        if self._outage:
+            self._outage = False
+            logger.warning("stscreds: shared store is back")
+        return result
+
+    async def aclose(self) -> None:
+        """Close the store."""
+        await self.store.aclose()
+
+
+def _encode(key: str, credentials: Credentials, lifetime: float) -> bytes:
+    return json.dumps(
+        {
+            "k": key,
+            "a": credentials.access_key_id,
+            "s": credentials.secret_access_key,
+            "t": credentials.session_token,
+            "e": credentials.expiration.timestamp(),
+            "l": lifetime,
+        },
+        separators=(",", ":"),
+    ).encode()
