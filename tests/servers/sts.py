@@ -1,0 +1,542 @@
+"""A strict, in-process test STS that speaks the real AWS STS Query protocol.
+
+Only ``Action=AssumeRoleWithWebIdentity`` is implemented, but that action is
+implemented the way AWS does it: the web identity token is verified against the
+issuer's JWKS (given directly, or discovered via ``/.well-known/openid-configuration``),
+parameters are validated, and the answer is the real STS XML (success or
+``ErrorResponse``) with the real HTTP status, so an unmodified botocore client
+pointed at ``StrictSTS.url`` parses it exactly as it would parse AWS.
+
+Unlike moto (which accepts any token), this server fails loudly on anything AWS
+would reject, and it can inject faults (throttling, 5xx, slowness, hangs).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import re
+import secrets
+import socket
+import string
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+from xml.sax.saxutils import escape
+
+import jwt
+
+__all__ = ["RecordedCall", "STSError", "StrictSTS"]
+
+ACTION = "AssumeRoleWithWebIdentity"
+API_VERSION = "2011-06-15"
+XMLNS = "https://sts.amazonaws.com/doc/2011-06-15/"
+ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
+KEY_FETCH_FAILED = (
+    "Couldn't retrieve verification key from your identity provider,  please reference "
+    "AssumeRoleWithWebIdentity documentation for requirements"
+)
+_ROLE_ARN = re.compile(r"arn:(aws[a-z-]*):iam::(\d{12}):role/(?:[\w+=,.@-]+/)*([\w+=,.@-]{1,64})")
+_SESSION_NAME = re.compile(r"[\w+=,.@-]{2,64}", re.ASCII)
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+_UNSET: Any = object()
+
+
+class STSError(Exception):
+    """An error answered as an STS ``ErrorResponse`` (Type is derived from the status)."""
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.status = code, message, status
+
+
+@dataclass
+class RecordedCall:
+    """One AssumeRoleWithWebIdentity request as seen (and answered) by the server."""
+
+    role_arn: str | None
+    session_name: str | None
+    duration: int | None
+    policy: str | None
+    claims: dict[str, Any] | None = None  # only set once the token verified
+    token_header: dict[str, Any] | None = None
+    credentials: dict[str, str] | None = None  # only set on success
+    status: int = 0
+    error_code: str | None = None
+    request_id: str = ""
+    params: dict[str, str] = field(default_factory=dict)
+
+
+def _random(alphabet: str, n: int) -> str:
+    return "".join(secrets.choice(alphabet) for _ in range(n))
+
+
+def _iso8601(ts: float) -> str:
+    return datetime.fromtimestamp(int(ts), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class StrictSTS:
+    """Threaded HTTP server on 127.0.0.1 (free port) emulating STS AssumeRoleWithWebIdentity.
+
+    Configuration and fault knobs may be changed while the server runs.
+    """
+
+    def __init__(
+        self,
+        *,
+        issuer: str | None = None,
+        jwks: Callable[[], dict[str, Any]] | dict[str, Any] | None = None,
+        audiences: Iterable[str] = ("sts.amazonaws.com",),
+        clock: Callable[[], float] = time.time,
+        leeway: float = 0.0,
+    ) -> None:
+        self.issuer: str | None = None
+        self.jwks_source: Callable[[], dict[str, Any]] | None = None
+        self.audiences: list[str] = []
+        self.configure(issuer=issuer, jwks=jwks, audiences=audiences)
+        self.clock = clock
+        self.leeway = leeway  # seconds of skew tolerated for exp/nbf/iat
+        self.delay: float = 0.0
+        self.reject_roles: set[str] = set()
+        self.jwks_cache_control: str | None = None  # Cache-Control of the last JWKS fetch
+        self.jwks_fetches = 0
+        self.internal_errors: list[BaseException] = []  # bugs in this server, not in callers
+        self.url = ""
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._stopping = threading.Event()
+        self._released = threading.Event()
+        self._released.set()
+        self._fault: tuple[int | None, str, int, str] | None = None  # (remaining|None, code..)
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
+        self.reset()
+
+    # -- configuration -------------------------------------------------------------------
+
+    def configure(
+        self,
+        *,
+        issuer: str | None = _UNSET,
+        jwks: Callable[[], dict[str, Any]] | dict[str, Any] | None = _UNSET,
+        audiences: Iterable[str] = _UNSET,
+    ) -> None:
+        """Set the registered OIDC provider. Omitted arguments keep their value.
+
+        With ``jwks=None`` keys are discovered from ``<issuer>/.well-known/openid-configuration``
+        on every request; a dict is served as-is, a callable is called per request.
+        """
+        if issuer is not _UNSET:
+            if issuer is not None and urlsplit(issuer).hostname not in _LOOPBACK:
+                # Discovery makes real HTTP requests; never let a test reach the internet.
+                raise ValueError(f"test issuer must be a loopback URL, got {issuer!r}")
+            self.issuer = issuer
+        if jwks is not _UNSET:
+            self.jwks_source = (lambda: jwks) if isinstance(jwks, dict) else jwks
+        if audiences is not _UNSET:
+            self.audiences = list(audiences)
+
+    @property
+    def hang(self) -> bool:
+        """While True, requests are held (after being counted) until released or stopped."""
+        return not self._released.is_set()
+
+    @hang.setter
+    def hang(self, value: bool) -> None:
+        if value:
+            self._released.clear()
+        else:
+            self._released.set()
+
+    def release(self) -> None:
+        """Let held requests proceed (same as ``hang = False``)."""
+        self.hang = False
+
+    def fail_next(
+        self,
+        n: int = 1,
+        code: str = "Throttling",
+        status: int = 400,
+        message: str = "Rate exceeded",
+    ) -> None:
+        """Answer the next ``n`` calls with the given STS error instead of processing them."""
+        with self._lock:
+            self._fault = (n, code, status, message)
+
+    def fail_always(
+        self,
+        code: str = "ServiceUnavailable",
+        status: int = 503,
+        message: str = "Service unavailable",
+    ) -> None:
+        """Answer every call with the given error until :meth:`clear_faults`."""
+        with self._lock:
+            self._fault = (None, code, status, message)
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._fault = None
+
+    # -- recording -----------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget recorded calls and counters (configuration and faults are kept)."""
+        with self._lock:
+            self.calls = 0
+            self.successes = 0
+            self.requests: list[RecordedCall] = []
+
+    def calls_for(self, role_arn: str) -> int:
+        """Number of answered calls for ``role_arn``."""
+        return len(self.requests_for(role_arn))
+
+    def requests_for(self, role_arn: str) -> list[RecordedCall]:
+        with self._lock:
+            return [r for r in self.requests if r.role_arn == role_arn]
+
+    def wait_for_calls(self, n: int, timeout: float = 5.0) -> bool:
+        """Block until at least ``n`` calls have arrived (e.g. are held by ``hang``)."""
+        with self._arrived:
+            return self._arrived.wait_for(lambda: self.calls >= n, timeout)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> StrictSTS:
+        if self._httpd is not None:
+            raise RuntimeError("already started")
+        self._stopping.clear()
+        httpd = _Server(("127.0.0.1", 0), _Handler)
+        httpd.sts = self
+        self._httpd = httpd
+        self.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        # A short poll interval keeps stop() (hence every fixture teardown) fast.
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, args=(0.05,), name="StrictSTS", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, interrupt held/delayed requests, close sockets and join all threads."""
+        httpd, thread = self._httpd, self._thread
+        if httpd is None or thread is None:
+            return
+        self._stopping.set()
+        self._released.set()
+        httpd.shutdown()
+        thread.join()
+        # Handler threads idling on keep-alive connections only notice EOF; force it so
+        # server_close() (which joins handler threads) cannot block on a client's pool.
+        # SHUT_RD, not SHUT_RDWR: a request woken above must still be able to write its
+        # answer (SHUT_RDWR truncated it and botocore then reported code "503", no body).
+        with self._lock:
+            conns = list(self._connections)
+        for conn in conns:
+            with contextlib.suppress(OSError):  # already closed by the client
+                conn.shutdown(socket.SHUT_RD)
+        httpd.server_close()
+        self._httpd = self._thread = None
+
+    def __enter__(self) -> StrictSTS:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- request processing --------------------------------------------------------------
+
+    def _handle(self, params: dict[str, str], request_id: str) -> tuple[int, str]:
+        """Process one request; returns (status, xml body). Raises nothing."""
+        action, version = params.get("Action"), params.get("Version")
+        if action != ACTION or version != API_VERSION:
+            msg = f"Could not find operation {action} for version {version}"
+            err = STSError("InvalidAction", msg)
+            return err.status, _error_xml(err, request_id)
+        with self._arrived:
+            self.calls += 1
+            self._arrived.notify_all()
+        self._released.wait()
+        if self.delay > 0:
+            self._stopping.wait(self.delay)
+        if self._stopping.is_set():
+            err = STSError("ServiceUnavailable", "Server is shutting down", 503)
+            return err.status, _error_xml(err, request_id)
+
+        rec = RecordedCall(
+            role_arn=params.get("RoleArn"),
+            session_name=params.get("RoleSessionName"),
+            duration=None,
+            policy=params.get("Policy"),
+            request_id=request_id,
+            params=params,
+        )
+        try:
+            self._take_fault()
+            body = self._assume(params, rec)
+            rec.status = 200
+        except STSError as err:
+            rec.status, rec.error_code = err.status, err.code
+            body = _error_xml(err, request_id)
+        except Exception as exc:  # a bug here must surface as a 500, and in internal_errors
+            self.internal_errors.append(exc)
+            bug = STSError("InternalFailure", f"StrictSTS bug: {exc!r}", 500)
+            rec.status, rec.error_code = bug.status, bug.code
+            body = _error_xml(bug, request_id)
+        with self._lock:
+            self.requests.append(rec)
+            self.successes += rec.status == 200
+        return rec.status, body
+
+    def _take_fault(self) -> None:
+        with self._lock:
+            if self._fault is None:
+                return
+            remaining, code, status, message = self._fault
+            if remaining is not None:
+                self._fault = (remaining - 1, code, status, message) if remaining > 1 else None
+        raise STSError(code, message, status)
+
+    def _assume(self, params: dict[str, str], rec: RecordedCall) -> str:
+        # Parameter validation comes before token verification, as on AWS.
+        role_arn, session, token = rec.role_arn, rec.session_name, params.get("WebIdentityToken")
+        for name, value in (
+            ("roleArn", role_arn),
+            ("roleSessionName", session),
+            ("webIdentityToken", token),
+        ):
+            if value is None:
+                raise STSError(
+                    "ValidationError",
+                    f"1 validation error detected: Value null at "
+                    f"'{name}' failed to satisfy constraint: Member must not be null",
+                )
+        assert role_arn is not None and session is not None and token is not None
+        arn = _ROLE_ARN.fullmatch(role_arn)
+        if arn is None:
+            raise STSError("ValidationError", f"{role_arn} is invalid")
+        if not _SESSION_NAME.fullmatch(session):
+            raise STSError(
+                "ValidationError",
+                f"1 validation error detected: Value '{session}' at "
+                "'roleSessionName' failed to satisfy constraint: Member must satisfy "
+                r"regular expression pattern: [\w+=,.@-]*",
+            )
+        raw_duration = params.get("DurationSeconds", "3600")
+        try:
+            duration = int(raw_duration)
+        except ValueError:
+            raise STSError("ValidationError", f"Invalid DurationSeconds {raw_duration!r}") from None
+        rec.duration = duration
+        if not 900 <= duration <= 43200:
+            bound = (
+                "greater than or equal to 900" if duration < 900 else "less than or equal to 43200"
+            )
+            raise STSError(
+                "ValidationError",
+                f"1 validation error detected: Value '{duration}' at "
+                "'durationSeconds' failed to satisfy constraint: Member must have value "
+                f"{bound}",
+            )
+
+        claims, aud = self._verify(token, rec)
+        if role_arn in self.reject_roles:
+            raise STSError(
+                "AccessDenied", "Not authorized to perform sts:AssumeRoleWithWebIdentity", 403
+            )
+
+        partition, account, role_name = arn.groups()
+        now = self.clock()
+        creds = {
+            "AccessKeyId": "ASIA" + _random(string.ascii_uppercase + string.digits, 16),
+            "SecretAccessKey": _random(string.ascii_letters + string.digits + "+/", 40),
+            "SessionToken": base64.b64encode(secrets.token_bytes(384)).decode(),
+            "Expiration": _iso8601(now + duration),
+        }
+        rec.credentials = creds
+        role_id = "AROA" + hashlib.sha256(role_arn.encode()).hexdigest()[:17].upper()
+        issuer_host = str(claims["iss"]).split("://", 1)[-1]
+        fields = {
+            "Credentials": creds,
+            "SubjectFromWebIdentityToken": claims["sub"],
+            "AssumedRoleUser": {
+                "AssumedRoleId": f"{role_id}:{session}",
+                "Arn": f"arn:{partition}:sts::{account}:assumed-role/{role_name}/{session}",
+            },
+            "Provider": f"arn:{partition}:iam::{account}:oidc-provider/{issuer_host}",
+            "Audience": aud,
+        }
+        return (
+            f'<{ACTION}Response xmlns="{XMLNS}"><{ACTION}Result>{_xml(fields)}</{ACTION}Result>'
+            f"<ResponseMetadata><RequestId>{rec.request_id}</RequestId></ResponseMetadata>"
+            f"</{ACTION}Response>"
+        )
+
+    def _verify(self, token: str, rec: RecordedCall) -> tuple[dict[str, Any], str]:
+        """Verify the token like AWS: signature via JWKS kid, then iss, aud, sub and times."""
+
+        def invalid(message: str) -> STSError:
+            return STSError("InvalidIdentityToken", message)
+
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise invalid(
+                "The ID Token provided is not a valid JWT. (You may see this error if "
+                "you sent an Access Token)"
+            ) from None
+        rec.token_header = header
+        iss = unverified.get("iss")
+        if self.issuer is None or iss != self.issuer:
+            raise invalid(f"No OpenIDConnect provider found in your account for {iss}")
+        alg, kid = header.get("alg"), header.get("kid")
+        if alg not in ALGORITHMS:
+            raise invalid(f"Unsupported token signing algorithm {alg}")
+        keys = self._jwks().get("keys", [])
+        jwk = next((k for k in keys if isinstance(k, dict) and k.get("kid") == kid), None)
+        if kid is None or jwk is None:
+            raise invalid(f"No matching key found in your identity provider's JWKS for kid {kid}")
+        if jwk.get("alg", alg) != alg:
+            raise invalid(f"Key {kid} is for {jwk['alg']}, token is signed with {alg}")
+        try:
+            key = jwt.PyJWK(jwk, algorithm=alg)
+            # Time claims are checked below against our own (injectable) clock.
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key=key,
+                algorithms=[alg],
+                options={
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                    "verify_aud": False,
+                    "verify_iss": False,
+                },
+            )
+        except jwt.PyJWTError as exc:
+            raise invalid(f"Token signature verification failed: {exc}") from None
+        rec.claims = claims
+
+        auds = claims.get("aud")
+        auds = [auds] if isinstance(auds, str) else auds if isinstance(auds, list) else []
+        aud = next((a for a in auds if a in self.audiences), None)
+        if aud is None:
+            raise invalid("Incorrect token audience")
+        if not isinstance(claims.get("sub"), str) or not claims["sub"]:
+            raise invalid("Token is missing the sub claim")
+        now = self.clock()
+        for name in ("exp", "iat", "nbf"):
+            if name in claims and not isinstance(claims[name], (int, float)):
+                raise invalid(f"Token claim {name} is not a number")
+        if "exp" not in claims:
+            raise invalid("Token is missing the exp claim")
+        if claims["exp"] <= now - self.leeway:
+            raise invalid("Token is expired")
+        if claims.get("iat", now) > now + self.leeway or claims.get("nbf", now) > now + self.leeway:
+            raise invalid("Token is not yet valid (iat/nbf in the future)")
+        if claims.get("iat", claims["exp"]) > claims["exp"]:
+            raise invalid("Token iat is after exp")
+        return claims, aud
+
+    def _jwks(self) -> dict[str, Any]:
+        if self.jwks_source is not None:
+            return self.jwks_source()
+        assert self.issuer is not None
+        # AWS discovers the JWKS through the issuer's OpenID configuration.
+        # An empty ProxyHandler keeps HTTP(S)_PROXY env vars from hijacking loopback fetches.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            config_url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+            with opener.open(config_url, timeout=5) as resp:
+                jwks_uri = json.load(resp)["jwks_uri"]
+            with opener.open(jwks_uri, timeout=5) as resp:
+                cache_control = resp.headers.get("Cache-Control")
+                document = json.load(resp)
+        except (OSError, ValueError, KeyError, TypeError):
+            raise STSError("InvalidIdentityToken", KEY_FETCH_FAILED) from None
+        with self._lock:
+            self.jwks_fetches += 1
+            self.jwks_cache_control = cache_control
+        directives = {d.strip().lower() for d in (cache_control or "").split(",")}
+        if directives & {"no-cache", "no-store"} or not isinstance(document, dict):
+            raise STSError("InvalidIdentityToken", KEY_FETCH_FAILED)
+        return document
+
+
+def _xml(value: Any) -> str:
+    if isinstance(value, dict):
+        return "".join(f"<{k}>{_xml(v)}</{k}>" for k, v in value.items())
+    return escape(str(value))
+
+
+def _error_xml(err: STSError, request_id: str) -> str:
+    kind = "Receiver" if err.status >= 500 else "Sender"
+    return (
+        f'<ErrorResponse xmlns="{XMLNS}"><Error><Type>{kind}</Type><Code>{escape(err.code)}'
+        f"</Code><Message>{escape(err.message)}</Message></Error>"
+        f"<RequestId>{request_id}</RequestId></ErrorResponse>"
+    )
+
+
+class _Server(ThreadingHTTPServer):
+    # Non-daemon handler threads so server_close() joins them: no thread outlives stop().
+    daemon_threads = False
+    block_on_close = True
+    sts: StrictSTS
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Tracked here, in the accept thread, so stop() sees every connection once
+        # serve_forever() has returned (tracking in the handler thread would race).
+        with self.sts._lock:
+            self.sts._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.sts._lock:
+            self.sts._connections.discard(request)
+        super().shutdown_request(request)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like AWS; botocore pools connections
+    server: _Server
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length).decode("utf-8", "replace")
+        self._respond(body)
+
+    def do_GET(self) -> None:  # STS also accepts the Query API as a GET query string
+        self._respond("")
+
+    def _respond(self, body: str) -> None:
+        query = urlsplit(self.path).query
+        params = {k: v[-1] for k, v in parse_qs(query + "&" + body, keep_blank_values=True).items()}
+        request_id = str(uuid.uuid4())
+        status, xml = self.server.sts._handle(params, request_id)
+        payload = xml.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/xml")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("x-amzn-RequestId", request_id)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
+        pass
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except (ConnectionError, TimeoutError):  # client went away (e.g. cancelled); not a bug
+            self.close_connection = True
