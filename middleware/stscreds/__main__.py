@@ -14,16 +14,24 @@ _ALGS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    key = SigningKey.generate(args.alg, kid=args.kid)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        key = SigningKey.generate(args.alg)
+    except ValueError as error:
+        print(f"stscreds: {error}", file=sys.stderr)
+        return 1
+    # O_NOFOLLOW: never write a private key through a planted symlink.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
     if args.force:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
     try:
         # Created 0600 from the start: the private key is never readable by others, not even
         # for the moment a chmod after writing would leave open.
         fd = os.open(args.out, flags, 0o600)
     except FileExistsError:
         print(f"stscreds: {args.out} exists (use --force to overwrite)", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"stscreds: {args.out}: {error.strerror}", file=sys.stderr)
         return 1
     with os.fdopen(fd, "wb") as handle:
         os.fchmod(handle.fileno(), 0o600)
@@ -51,7 +59,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     keygen = commands.add_parser("keygen", help="write a new private signing key (mode 0600)")
     keygen.add_argument("--alg", default="RS256", choices=_ALGS)
-    keygen.add_argument("--kid", default=None, help="key id (default: RFC 7638 thumbprint)")
     keygen.add_argument("--out", "-o", default="stscreds-key.pem", help="file to write")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
     keygen.set_defaults(run=_keygen)

@@ -29,13 +29,40 @@ def _canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+class _FrozenDict(dict):  # type: ignore[type-arg]
+    """A dict that refuses changes; still a dict, so json.dumps (and PyJWT) accept it."""
+
+    __slots__ = ()
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("claims are read-only")
+
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    clear = pop = popitem = setdefault = update = _read_only
+
+    def __reduce__(self) -> Any:
+        return (_FrozenDict, (dict(self),))
+
+
+def _deep_freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return _FrozenDict({k: _deep_freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_deep_freeze(v) for v in value)
+    return value
+
+
 def _parse_policy(policy: str | Mapping[str, Any] | None) -> tuple[str | None, Any]:
     """Return the policy as sent to STS and its parsed form (for the canonical encoding)."""
     if policy is None:
         return None, None
     if isinstance(policy, str):
         try:
-            parsed = json.loads(policy)
+            parsed = json.loads(policy, parse_constant=_reject_constant)
         except ValueError:
             raise ValueError("policy: not valid JSON") from None
         if not isinstance(parsed, dict):
@@ -43,7 +70,7 @@ def _parse_policy(policy: str | Mapping[str, Any] | None) -> tuple[str | None, A
         return policy, parsed
     if isinstance(policy, Mapping):
         try:
-            text = json.dumps(dict(policy), separators=(",", ":"))
+            text = json.dumps(dict(policy), separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError):
             raise ValueError("policy: not JSON-serializable") from None
         return text, json.loads(text)
@@ -63,10 +90,10 @@ def _freeze_claims(claims: Mapping[str, Any] | None) -> Mapping[str, Any] | None
     try:
         # A JSON round trip both proves the claims serialize and detaches them from the
         # caller's objects, so a later mutation cannot change a Role that is already a key.
-        copied = json.loads(json.dumps(dict(claims)))
+        copied = json.loads(json.dumps(dict(claims), allow_nan=False))
     except (TypeError, ValueError):
         raise ValueError("claims: not JSON-serializable") from None
-    return MappingProxyType(copied)
+    return MappingProxyType({name: _deep_freeze(value) for name, value in copied.items()})
 
 
 def sanitize_session_name(value: str) -> str:

@@ -6,7 +6,7 @@ import base64
 import hashlib
 import json
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -139,7 +139,7 @@ def validate_issuer(issuer: str) -> str:
     loopback = parts.hostname in {"localhost", "127.0.0.1", "::1"}
     if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
         raise ValueError("issuer: must be an https:// URL (http:// only for loopback hosts)")
-    if not parts.hostname or parts.query or parts.fragment or parts.username:
+    if not parts.hostname or "?" in issuer or "#" in issuer or "@" in parts.netloc:
         raise ValueError("issuer: must be scheme://host[:port][/path] with no query or fragment")
     return issuer.rstrip("/")
 
@@ -161,7 +161,10 @@ class TokenMinter:
         self.issuer = validate_issuer(issuer)
         if not isinstance(audience, str) or not audience:
             raise ValueError("audience: must be a non-empty string")
-        if isinstance(keys, SigningKey) or not keys:
+        if isinstance(keys, SigningKey) or not isinstance(keys, Iterable):
+            raise ValueError("signing_keys: must be a non-empty sequence of SigningKey")
+        keys = tuple(keys)
+        if not keys:
             raise ValueError("signing_keys: must be a non-empty sequence of SigningKey")
         if not all(isinstance(k, SigningKey) for k in keys):
             raise ValueError("signing_keys: every item must be a SigningKey")
