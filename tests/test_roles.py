@@ -375,8 +375,7 @@ KEY_DEFAULTS: dict[str, str] = {
     "audience": "sts.amazonaws.com",
     "sts_endpoint": "https://sts.us-east-1.amazonaws.com",
     "region": "us-east-1",
-    "subject": "alice",
-    "session_name": "alice",
+    "default_subject": "stscreds",
 }
 BASE_ROLE_FIELDS: dict[str, Any] = {
     "arn": ARN,
@@ -405,8 +404,6 @@ INPUT_VARIANTS = {
     "audience": {"audience": "other-audience"},
     "sts_endpoint": {"sts_endpoint": "https://sts.eu-west-1.amazonaws.com"},
     "region": {"region": "eu-west-1"},
-    "effective_subject": {"subject": "bob"},
-    "effective_session_name": {"session_name": "bob"},
 }
 
 
@@ -443,13 +440,22 @@ def test_identity_key_is_equal_for_equal_inputs() -> None:
 
 def test_identity_key_fields_cannot_be_shifted_into_each_other() -> None:
     # A naive concatenation would give "a" + "bc" and "ab" + "c" the same encoding.
-    role = Role(ARN)
-    assert key_of(role, subject="a", session_name="bc") != key_of(
-        role, subject="ab", session_name="c"
+    assert key_of(Role(ARN, subject="ab", session_name="cde")) != key_of(
+        Role(ARN, subject="abc", session_name="de")
     )
-    assert key_of(role, region="us-east-1", sts_endpoint="x") != key_of(
-        role, region="us-east-1x", sts_endpoint=""
+    assert key_of(region="us-east-1", sts_endpoint="x") != key_of(
+        region="us-east-1x", sts_endpoint=""
     )
+
+
+def test_identity_key_uses_the_names_actually_sent() -> None:
+    implicit = Role(ARN)
+    explicit = Role(ARN, subject="alice", session_name="alice")
+    assert key_of(implicit, default_subject="alice") == key_of(explicit)
+    assert key_of(Role(ARN, subject="alice")) == key_of(explicit)
+    assert key_of(implicit, default_subject="bob") != key_of(explicit)
+    # The default matters only to roles that do not name a subject.
+    assert key_of(explicit, default_subject="bob") == key_of(explicit)
 
 
 def test_identity_key_is_a_sha256_hex_digest_without_plain_text() -> None:

@@ -17,7 +17,7 @@ from ._clock import Clock, SystemClock
 from ._credentials import Credentials
 from ._errors import CredentialsRejected, CredentialsUnavailable, STSUnavailable
 from ._exchange import ExchangeRequest, StsExchanger
-from ._roles import Role, identity_key, sanitize_session_name
+from ._roles import Role, identity_key
 from ._shared import SharedTier, StoreStats
 from ._signing import SigningKey, TokenMinter
 from .stores import CredentialStore
@@ -65,6 +65,7 @@ class CredentialBroker:
         negative_ttl: tuple[float, float] = (1.0, 5.0),
         store: CredentialStore | None = None,
         store_timeout: float = 0.25,
+        store_cooldown: float = 5.0,
         lease_ttl: float | None = None,
         clock: Clock | None = None,
     ) -> None:
@@ -107,6 +108,7 @@ class CredentialBroker:
                 store,
                 clock=self._clock,
                 op_timeout=store_timeout,
+                breaker_cooldown=store_cooldown,
                 lease_ttl=lease_ttl if lease_ttl is not None else exchange_deadline + 5.0,
             )
         )
@@ -143,15 +145,13 @@ class CredentialBroker:
         """The digest naming the identity ``role`` resolves to under this broker."""
         key = self._keys.get(role)
         if key is None:
-            subject = role.subject or self.default_subject
             key = identity_key(
                 role,
                 issuer=self._minter.issuer,
                 audience=self._minter.audience,
                 sts_endpoint=self._exchanger.endpoint_url,
                 region=self._exchanger.region,
-                subject=subject,
-                session_name=role.session_name or sanitize_session_name(subject),
+                default_subject=self.default_subject,
             )
             if len(self._keys) >= self._keys_max:
                 self._keys.clear()
@@ -265,10 +265,10 @@ class CredentialBroker:
         return credentials
 
     async def _exchange(self, role: Role) -> Credentials:
-        subject = role.subject or self.default_subject
+        subject, session_name = role.effective_names(self.default_subject)
         request = ExchangeRequest(
             role_arn=role.arn,
-            session_name=role.session_name or sanitize_session_name(subject),
+            session_name=session_name,
             duration_seconds=role.duration_seconds,
             policy=role.policy,
         )

@@ -152,8 +152,15 @@ class StsExchanger:
         """
         loop = asyncio.get_running_loop()
         deadline_at = loop.time() + self.deadline
-        # Signing (RSA: about a millisecond of CPU) runs on the pool too.
-        params = request.params(await loop.run_in_executor(self._pool, mint))
+        # Signing (RSA: about a millisecond of CPU) runs on the pool too, inside the deadline:
+        # behind hung STS calls the pool may be full.
+        try:
+            token = await asyncio.wait_for(loop.run_in_executor(self._pool, mint), self.deadline)
+        except asyncio.TimeoutError:
+            raise STSUnavailable(
+                f"STS did not answer within {self.deadline:g}s", role_arn=request.role_arn
+            ) from None
+        params = request.params(token)
         attempt = 0
         while True:
             attempt += 1

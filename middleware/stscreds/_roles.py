@@ -112,6 +112,7 @@ class Role:
     duration_seconds: int = 3600
     policy: str | None = None
     claims: Mapping[str, Any] | None = None
+    _shape: str = field(init=False, repr=False)
     _canonical: str = field(init=False, repr=False)
     _hash: int = field(init=False, repr=False)
 
@@ -144,16 +145,16 @@ class Role:
             raise ValueError("duration_seconds: must be an integer from 900 to 43200")
         policy_text, policy_parsed = _parse_policy(policy)
         frozen_claims = _freeze_claims(claims)
-        canonical = _canonical_json(
+        # What shapes the credentials besides who asks: shared by every subject of the role.
+        shape = _canonical_json(
             [
                 arn,
-                subject,
-                session_name,
                 duration_seconds,
                 policy_parsed,
                 None if frozen_claims is None else dict(frozen_claims),
             ]
         )
+        canonical = _canonical_json([subject, session_name, shape])
         set_ = object.__setattr__
         set_(self, "arn", arn)
         set_(self, "subject", subject)
@@ -161,8 +162,14 @@ class Role:
         set_(self, "duration_seconds", duration_seconds)
         set_(self, "policy", policy_text)
         set_(self, "claims", frozen_claims)
+        set_(self, "_shape", shape)
         set_(self, "_canonical", canonical)
         set_(self, "_hash", hash(canonical))
+
+    def effective_names(self, default_subject: str) -> tuple[str, str]:
+        """The (subject, RoleSessionName) sent to STS, given the broker's default subject."""
+        subject = self.subject or default_subject
+        return subject, self.session_name or sanitize_session_name(subject)
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not Role:
@@ -194,24 +201,16 @@ def identity_key(
     audience: str,
     sts_endpoint: str,
     region: str,
-    subject: str,
-    session_name: str,
+    default_subject: str,
 ) -> str:
     """Return the hex SHA-256 digest naming one identity: equal only for identical inputs.
 
-    ``subject`` and ``session_name`` are the values actually used (after the broker's
-    defaults), so a role with ``subject=None`` and one naming the default subject share a key.
+    The subject and session name are the ones actually sent (after ``default_subject`` and
+    the session name's default), so ``Role(arn)`` and ``Role(arn, subject=default_subject)``
+    are one identity.
     """
+    subject, session_name = role.effective_names(default_subject)
     encoded = _canonical_json(
-        [
-            "stscreds/1",
-            issuer,
-            audience,
-            sts_endpoint,
-            region,
-            subject,
-            session_name,
-            role._canonical,
-        ]
+        ["stscreds/1", issuer, audience, sts_endpoint, region, subject, session_name, role._shape]
     )
     return hashlib.sha256(encoded.encode()).hexdigest()

@@ -77,7 +77,7 @@ class SharedTier:
         for name, value in (
             ("store_timeout", op_timeout),
             ("lease_ttl", lease_ttl),
-            ("breaker_cooldown", breaker_cooldown),
+            ("store_cooldown", breaker_cooldown),
         ):
             if not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"{name}: must be a positive number of seconds")
@@ -234,8 +234,13 @@ class SharedTier:
         return result
 
     async def aclose(self) -> None:
-        """Close the store."""
-        await self.store.aclose()
+        """Close the store; a store that fails to close is logged, never raised (shutdown)."""
+        try:
+            await asyncio.wait_for(self.store.aclose(), self.op_timeout * 4)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # the protocol allows any error; shutdown must go on
+            logger.warning("stscreds: closing the shared store failed (%s)", type(error).__name__)
 
 
 def _encode(key: str, credentials: Credentials, lifetime: float) -> bytes:

@@ -1,0 +1,1084 @@
+"""CredentialBroker against a real StrictSTS over HTTP on loopback.
+
+Time is injected: one FakeClock drives the broker and the STS (``strict_sts.clock``), so the
+STS stamps ``Expiration = clock + duration`` and verifies the JWT against the same time.
+Real waits happen only where a real server or store must answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import logging
+import re
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import jwt
+import pytest
+
+from servers.sts import StrictSTS
+from stscreds import (
+    CredentialBroker,
+    Credentials,
+    CredentialsRejected,
+    Role,
+    SigningKey,
+    STSUnavailable,
+)
+from stscreds._cache import MANDATORY_WINDOW, MIN_RETRY_DELAY, advisory_window
+from stscreds.stores import MemoryStore, StoreCipher, generate_key
+
+ROLE = "arn:aws:iam::123456789012:role/app/reader"
+OTHER_ROLE = "arn:aws:iam::123456789012:role/app/writer"
+ISSUER = "http://127.0.0.1:1/broker-issuer"
+KEY = SigningKey.generate("RS256")
+T0 = 1_800_000_000.0
+POLICY = '{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:GetObject",' + (
+    '"Resource":"arn:aws:s3:::bucket/*"}]}'
+)
+
+
+class FakeClock:
+    """Wall-clock time that only moves when told to."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def set(self, now: float) -> None:
+        self.now = now
+
+
+@pytest.fixture
+def clock(strict_sts: StrictSTS) -> FakeClock:
+    """A FakeClock the STS uses too (pass it to brokers as ``clock=``)."""
+    fake = FakeClock()
+    strict_sts.clock = fake.time
+    return fake
+
+
+@pytest.fixture
+async def make_broker(strict_sts: StrictSTS) -> AsyncIterator[Callable[..., CredentialBroker]]:
+    brokers: list[CredentialBroker] = []
+
+    def make(**kwargs: Any) -> CredentialBroker:
+        kwargs.setdefault("connect_timeout", 1.0)
+        kwargs.setdefault("read_timeout", 3.0)
+        kwargs.setdefault("exchange_deadline", 5.0)
+        broker = CredentialBroker(
+            issuer=ISSUER, signing_keys=[KEY], sts_endpoint_url=strict_sts.url, **kwargs
+        )
+        if not brokers:
+            strict_sts.configure(issuer=broker.issuer, jwks=broker.jwks)
+        brokers.append(broker)
+        return broker
+
+    yield make
+    for broker in brokers:
+        # A BrokenStore's aclose raises; that case has its own test.
+        with contextlib.suppress(ConnectionError):
+            await broker.aclose()
+
+
+@pytest.fixture
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """Contexts reported to the loop's exception handler ("Task exception was never retrieved")."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        yield errors
+    finally:
+        gc.collect()
+        loop.set_exception_handler(previous)
+        assert errors == []
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
+    """Let the loop run (real time, small steps) until ``predicate()``; for real I/O only."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+async def sts_has_calls(sts: StrictSTS, n: int) -> None:
+    assert await asyncio.to_thread(sts.wait_for_calls, n, 5.0)
+
+
+def token_of(sts: StrictSTS, index: int = -1) -> str:
+    return sts.requests[index].params["WebIdentityToken"]
+
+
+# -- the exchange --------------------------------------------------------------------------
+
+
+async def test_exchange_and_the_token_sts_received(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS
+) -> None:
+    broker = make_broker()  # the real clock, so PyJWT can check exp/nbf/iat itself
+    subject = "alice@example.com/tenant:42 " + "x" * 80
+    role = Role(
+        ROLE,
+        subject=subject,
+        duration_seconds=1800,
+        policy=POLICY,
+        claims={"tenant": "acme", "amr": ["mfa"]},
+    )
+    credentials = await broker.get(role)
+
+    assert strict_sts.calls == 1
+    (rec,) = strict_sts.requests
+    assert rec.status == 200 and rec.credentials is not None
+    assert credentials.access_key_id == rec.credentials["AccessKeyId"]
+    assert credentials.secret_access_key == rec.credentials["SecretAccessKey"]
+    assert credentials.session_token == rec.credentials["SessionToken"]
+    assert 1790 < credentials.seconds_left(time.time()) <= 1800
+
+    token = rec.params["WebIdentityToken"]
+    header = jwt.get_unverified_header(token)
+    jwk = next(k for k in broker.jwks()["keys"] if k["kid"] == header["kid"])
+    claims = jwt.decode(
+        token,
+        key=jwt.PyJWK(jwk),
+        algorithms=[header["alg"]],
+        audience=broker.audience,
+        issuer=broker.issuer,
+        options={"require": ["iss", "sub", "aud", "iat", "nbf", "exp", "jti"]},
+    )
+    assert claims["iss"] == ISSUER
+    assert claims["sub"] == subject
+    assert claims["aud"] == "sts.amazonaws.com"
+    assert claims["nbf"] == claims["iat"]
+    assert claims["exp"] - claims["iat"] == 300
+    assert all(isinstance(claims[name], int) for name in ("iat", "nbf", "exp"))
+    assert isinstance(claims["jti"], str) and len(claims["jti"]) >= 16
+    assert claims["tenant"] == "acme"
+    assert claims["amr"] == ["mfa"]
+
+    # RoleSessionName: the subject with every character outside [\w+=,.@-] replaced, cut to 64.
+    expected = re.sub(r"[^\w+=,.@-]", "-", subject, flags=re.ASCII)[:64]
+    assert rec.session_name == expected
+    assert len(rec.session_name) == 64
+    assert rec.duration == 1800
+    assert rec.policy == POLICY
+
+
+async def test_defaults_explicit_session_name_and_fresh_jti(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS
+) -> None:
+    broker = make_broker(default_subject="svc-app")
+    await broker.get(Role(ROLE))
+    await broker.get(Role(ROLE, subject="bob", session_name="explicit-session"))
+    first, second = strict_sts.requests
+    assert first.claims is not None and second.claims is not None
+    assert first.claims["sub"] == "svc-app"
+    assert first.session_name == "svc-app"
+    assert first.duration == 3600
+    assert "Policy" not in first.params
+    assert second.claims["sub"] == "bob"
+    assert second.session_name == "explicit-session"
+    assert first.claims["jti"] != second.claims["jti"]
+
+
+async def test_thousand_concurrent_gets_make_one_call(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS
+) -> None:
+    broker = make_broker()
+    strict_sts.delay = 0.2  # the exchange is still in flight while all 1000 arrive
+    # Each caller builds its own (equal) Role, as a middleware resolving per request would.
+    results = await asyncio.gather(*(broker.get(Role(ROLE, subject="u1")) for _ in range(1000)))
+    assert strict_sts.calls == 1
+    first = results[0]
+    assert all(r is first for r in results)
+    assert broker.stats.exchanges == 1
+    assert broker._inflight == {}
+    # And later callers are plain hits.
+    assert await broker.get(Role(ROLE, subject="u1")) is first
+    assert strict_sts.calls == 1
+
+
+async def test_each_input_of_the_identity_gets_its_own_exchange(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS
+) -> None:
+    broker = make_broker()
+    base: dict[str, Any] = {"arn": ROLE, "subject": "alice"}
+    variants = [
+        base,
+        {**base, "arn": OTHER_ROLE},
+        {**base, "subject": "bob"},
+        {**base, "policy": POLICY},
+        {**base, "claims": {"tenant": "a"}},
+        {**base, "claims": {"tenant": "b"}},
+        {**base, "session_name": "custom-session"},
+        {**base, "duration_seconds": 1800},
+    ]
+    roles = [Role(**v) for v in variants]
+    results = await asyncio.gather(*(broker.get(r) for r in roles))
+    assert strict_sts.calls == len(variants)
+    assert len({c.access_key_id for c in results}) == len(variants)
+    assert len({broker.identity_key(r) for r in roles}) == len(variants)
+    # Every variant reached STS with its own inputs.
+    tenants = sorted(str((r.claims or {}).get("tenant")) for r in strict_sts.requests)
+    assert tenants == ["None"] * 6 + ["a", "b"]
+
+    # Equal roles built separately (claims and policy in another order/spelling) share.
+    same = await asyncio.gather(
+        broker.get(Role(ROLE, subject="alice")),
+        broker.get(Role(ROLE, subject="alice", claims={"tenant": "a"})),
+        broker.get(Role(ROLE, subject="alice", policy=json.loads(POLICY))),
+    )
+    assert strict_sts.calls == len(variants)
+    assert same[0] is results[0]
+    assert same[1] is results[4]
+    assert same[2] is results[3]
+
+
+async def test_default_subject_and_explicit_same_subject_share(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS
+) -> None:
+    # identity_key's contract: subject and session_name count as the values actually used
+    # (after the broker's defaults), so these pairs are one identity: the same token claims and
+    # the same STS parameters. Today Role._canonical (subject/session_name as given, None
+    # included) is hashed too, so each pair costs two exchanges.
+    broker = make_broker(default_subject="svc")
+    a = await broker.get(Role(ROLE))
+    b = await broker.get(Role(ROLE, subject="svc"))
+    c = await broker.get(Role(ROLE, subject="alice"))
+    d = await broker.get(Role(ROLE, subject="alice", session_name="alice"))
+    sent = [(r.claims["sub"], r.session_name) for r in strict_sts.requests]  # type: ignore[index]
+    assert sent[0] == ("svc", "svc")
+    assert broker.identity_key(Role(ROLE)) == broker.identity_key(Role(ROLE, subject="svc"))
+    assert a is b
+    assert c is d
+    assert strict_sts.calls == 2
+
+
+async def test_brokers_of_different_issuers_or_audiences_have_different_keys(
+    make_broker: Callable[..., CredentialBroker],
+) -> None:
+    role = Role(ROLE)
+    a = make_broker()
+    b = make_broker(audience="other-client")
+    c = CredentialBroker(
+        issuer="http://127.0.0.1:2/other", signing_keys=[KEY], sts_endpoint_url=a.sts_endpoint_url
+    )
+    try:
+        assert len({a.identity_key(role), b.identity_key(role), c.identity_key(role)}) == 3
+    finally:
+        await c.aclose()
+
+
+# -- cancellation --------------------------------------------------------------------------
+
+
+async def test_cancelled_callers_do_not_cancel_the_shared_exchange(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    loop_errors: list[dict[str, Any]],
+) -> None:
+    broker = make_broker()
+    role = Role(ROLE)
+    strict_sts.hang = True
+    getters = [asyncio.create_task(broker.get(role)) for _ in range(20)]
+    await sts_has_calls(strict_sts, 1)
+    (exchange,) = broker._inflight.values()
+
+    getters[0].cancel()  # the caller that started the exchange
+    await asyncio.sleep(0)
+    assert getters[0].cancelled() or getters[0].cancelling()
+    for task in getters[1:10]:
+        task.cancel()
+    await asyncio.gather(*getters[:10], return_exceptions=True)
+    assert all(task.cancelled() for task in getters[:10])
+    assert not exchange.done()
+    assert not any(task.done() for task in getters[10:])
+
+    strict_sts.release()
+    results = await asyncio.gather(*getters[10:])
+    assert all(r is results[0] for r in results)
+    assert strict_sts.calls == 1
+    assert await broker.get(role) is results[0]
+    assert strict_sts.calls == 1
+
+
+async def test_exchange_completes_when_every_caller_is_cancelled(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    loop_errors: list[dict[str, Any]],
+) -> None:
+    broker = make_broker()
+    role = Role(ROLE)
+    strict_sts.hang = True
+    getters = [asyncio.create_task(broker.get(role)) for _ in range(10)]
+    await sts_has_calls(strict_sts, 1)
+    (exchange,) = broker._inflight.values()
+    for task in getters:
+        task.cancel()
+    await asyncio.gather(*getters, return_exceptions=True)
+    assert all(task.cancelled() for task in getters)
+
+    strict_sts.release()
+    credentials = await exchange  # nobody waits for it any more, yet it finishes
+    assert broker._inflight == {}
+    hits = broker.stats.hits
+    assert await broker.get(role) is credentials
+    assert broker.stats.hits == hits + 1
+    assert strict_sts.calls == 1
+
+
+async def test_failed_exchange_with_every_caller_cancelled_is_not_an_unretrieved_error(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    loop_errors: list[dict[str, Any]],
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    broker = make_broker(max_attempts=1)
+    role = Role(ROLE)
+    strict_sts.hang = True
+    strict_sts.fail_next(1, "ServiceUnavailable", 503, "down")
+    getters = [asyncio.create_task(broker.get(role)) for _ in range(5)]
+    await sts_has_calls(strict_sts, 1)
+    (exchange,) = broker._inflight.values()
+    for task in getters:
+        task.cancel()
+    await asyncio.gather(*getters, return_exceptions=True)
+    strict_sts.release()
+    await asyncio.wait([exchange])
+    assert isinstance(exchange.exception(), STSUnavailable)
+    del exchange, getters
+    gc.collect()
+    assert loop_errors == []
+    assert len(recwarn) == 0
+    # Transient: nothing remembered, the next get goes to STS again and succeeds.
+    assert await broker.get(role) is not None
+    assert strict_sts.calls == 2
+
+
+# -- refresh-ahead -------------------------------------------------------------------------
+
+
+async def test_refresh_windows_for_a_one_hour_session(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock)
+    role = Role(ROLE, duration_seconds=3600)
+    key = broker.identity_key(role)
+    first = await broker.get(role)
+    entry = broker._cache[key]
+    expires = T0 + 3600
+    assert first.expiration.timestamp() == expires == entry.expires_at
+    # Lifetime < 90 min: a 15 min advisory window, jittered within its first quarter.
+    assert advisory_window(3600) == 900
+    assert expires - 900 <= entry.refresh_at <= expires - 900 * 0.75
+    assert entry.mandatory_at == expires - MANDATORY_WINDOW
+
+    # Before the window: hits, no call, nothing started.
+    for now in (T0 + 1, T0 + 1800, entry.refresh_at - 0.001):
+        clock.set(now)
+        assert await broker.get(role) is first
+        assert broker.peek(role) is first
+    assert strict_sts.calls == 1
+    assert broker._inflight == {}
+
+    # Advisory window: the OLD credentials at once, one background refresh for everyone.
+    clock.set(expires - 600)
+    assert broker.peek(role) is None  # WSGI threads hop to the loop from here on
+    assert broker.get_cached(role) is first
+    (refresh,) = broker._inflight.values()
+    for _ in range(100):
+        assert await broker.get(role) is first
+    assert list(broker._inflight.values()) == [refresh]
+    second = await refresh
+    assert strict_sts.calls == 2
+    assert broker.stats.background_refreshes == 1
+    assert second is not first
+    assert second.access_key_id != first.access_key_id
+    assert second.expiration.timestamp() == expires - 600 + 3600
+    assert await broker.get(role) is second
+    assert broker._inflight == {}
+
+    # Mandatory window: callers wait (the STS is held) and get new credentials.
+    entry = broker._cache[key]
+    clock.set(entry.mandatory_at)
+    assert broker.get_cached(role) is None
+    strict_sts.hang = True
+    waiter = asyncio.create_task(broker.get(role))
+    await sts_has_calls(strict_sts, 3)
+    assert not waiter.done()
+    strict_sts.release()
+    third = await waiter
+    assert third is not second
+    assert third.seconds_left(clock.time()) == 3600
+    assert strict_sts.calls == 3
+
+
+async def test_credentials_near_expiry_are_never_handed_out(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock, max_attempts=1)
+    role = Role(ROLE)
+    first = await broker.get(role)
+    expires = first.expiration.timestamp()
+    strict_sts.fail_always("ServiceUnavailable", 503)
+    for left in (60, 59.5, 30, 1, 0, -10):
+        clock.set(expires - left)
+        assert broker.get_cached(role) is None
+        assert broker.peek(role) is None
+        with pytest.raises(STSUnavailable):
+            await broker.get(role)
+    # Never stale: every one of those gets went to STS instead.
+    assert strict_sts.calls == 7
+
+
+async def test_sts_answer_expiring_within_60s_is_refused(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock, max_attempts=1)
+    # An STS whose clock is 3550 s behind ours: its 1 h credentials have 50 s left for us.
+    strict_sts.clock = lambda: clock.time() - 3550
+    strict_sts.leeway = 4000  # ...and it accepts our token's iat/nbf
+    with pytest.raises(STSUnavailable, match="expire within 60 s"):
+        await broker.get(Role(ROLE, duration_seconds=3600))
+    assert strict_sts.successes == 1
+    assert broker._cache.currsize == 0
+
+
+@pytest.mark.parametrize(("duration", "window"), [(900, 300), (3600, 900), (43200, 3600)])
+async def test_advisory_window_scales_with_duration(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    duration: int,
+    window: int,
+) -> None:
+    broker = make_broker(clock=clock)
+    role = Role(ROLE, duration_seconds=duration)
+    first = await broker.get(role)
+    entry = broker._cache[broker.identity_key(role)]
+    assert advisory_window(duration) == window
+    assert entry.expires_at - window <= entry.refresh_at <= entry.expires_at - window * 0.75
+    # A session is not refreshed on every call: hits all the way up to its refresh time.
+    step = duration / 100
+    while clock.time() + step < entry.refresh_at:
+        clock.advance(step)
+        assert await broker.get(role) is first
+    assert strict_sts.calls == 1
+    assert broker.stats.background_refreshes == 0
+    assert broker._inflight == {}
+    assert entry.refresh_at - T0 >= duration - window
+
+
+# -- failures during refresh ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("code", "status"), [("Throttling", 400), ("ServiceUnavailable", 503)])
+async def test_failed_advisory_refresh_keeps_serving_and_backs_off(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+    code: str,
+    status: int,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="stscreds")
+    broker = make_broker(clock=clock, max_attempts=1)
+    role = Role(ROLE)
+    key = broker.identity_key(role)
+    first = await broker.get(role)
+    entry = broker._cache[key]
+
+    clock.set(entry.expires_at - 600)
+    strict_sts.fail_next(1, code, status, "Rate exceeded")
+    assert await broker.get(role) is first
+    (refresh,) = broker._inflight.values()
+    await asyncio.wait([refresh])
+    error = refresh.exception()
+    assert isinstance(error, STSUnavailable) and error.code == code
+    assert strict_sts.calls == 2
+    assert broker._cache[key] is entry
+    assert entry.failures == 1
+    now = clock.time()
+    assert entry.retry_at - now >= MIN_RETRY_DELAY
+    assert entry.retry_at < entry.mandatory_at
+    failed = [r for r in caplog.records if "background refresh failed" in r.getMessage()]
+    assert len(failed) == 1
+
+    # Until retry_at: the old credentials, and no new call.
+    while clock.time() + 0.5 < entry.retry_at:
+        clock.advance(0.5)
+        assert await broker.get(role) is first
+        assert broker._inflight == {}
+    assert strict_sts.calls == 2
+
+    clock.set(entry.retry_at)
+    assert await broker.get(role) is first
+    (retry,) = broker._inflight.values()
+    second = await retry
+    assert strict_sts.calls == 3
+    assert second is not first
+    assert await broker.get(role) is second
+
+
+async def test_repeated_refresh_failures_back_off_exponentially(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock, max_attempts=1)
+    role = Role(ROLE, duration_seconds=43200)
+    key = broker.identity_key(role)
+    first = await broker.get(role)
+    entry = broker._cache[key]
+    strict_sts.fail_always("Throttling", 400, "Rate exceeded")
+    clock.set(entry.refresh_at)
+    delays = []
+    for _ in range(4):
+        assert await broker.get(role) is first
+        (refresh,) = broker._inflight.values()
+        await asyncio.wait([refresh])
+        delays.append(entry.retry_at - clock.time())
+        clock.set(entry.retry_at)
+    assert strict_sts.calls == 5
+    assert entry.failures == 4
+    for (low, high), delay in zip([(5, 10), (10, 20), (20, 40), (40, 80)], delays, strict=True):
+        assert low <= delay <= high
+
+
+async def test_failure_in_mandatory_window_raises_and_is_not_remembered(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock, max_attempts=1)
+    role = Role(ROLE)
+    first = await broker.get(role)
+    clock.set(first.expiration.timestamp() - 30)
+    strict_sts.fail_next(1, "ServiceUnavailable", 503, "down")
+    with pytest.raises(STSUnavailable) as info:
+        await broker.get(role)
+    assert info.value.code == "ServiceUnavailable"
+    # Transient errors are not negatively cached: the very next get tries again.
+    fresh = await broker.get(role)
+    assert fresh is not first
+    assert fresh.seconds_left(clock.time()) == 3600
+    assert strict_sts.calls == 3
+
+
+async def test_rejected_background_refresh_serves_valid_credentials_until_mandatory(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock)
+    role = Role(ROLE)
+    key = broker.identity_key(role)
+    first = await broker.get(role)
+    entry = broker._cache[key]
+    clock.set(entry.expires_at - 600)
+    strict_sts.reject_roles.add(ROLE)
+    assert await broker.get(role) is first
+    (refresh,) = broker._inflight.values()
+    await asyncio.wait([refresh])
+    assert isinstance(refresh.exception(), CredentialsRejected)
+    assert strict_sts.calls == 2
+    # Still valid for 10 minutes: served, and not retried before retry_at.
+    assert await broker.get(role) is first
+    assert broker._inflight == {}
+    # In the mandatory window the rejection surfaces; the old credentials are not served.
+    clock.set(entry.mandatory_at)
+    with pytest.raises(CredentialsRejected):
+        await broker.get(role)
+    assert strict_sts.calls == 3
+
+
+# -- negative caching ----------------------------------------------------------------------
+
+
+async def test_rejections_are_negatively_cached(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock)
+    role = Role(ROLE)
+    strict_sts.reject_roles.add(ROLE)
+    with pytest.raises(CredentialsRejected) as info:
+        await broker.get(role)
+    assert info.value.code == "AccessDenied"
+    assert info.value.role_arn == ROLE
+    assert strict_sts.calls == 1
+
+    results = await asyncio.gather(*(broker.get(role) for _ in range(100)), return_exceptions=True)
+    assert all(isinstance(r, CredentialsRejected) and r.code == "AccessDenied" for r in results)
+    errors = set()
+    for _ in range(100):
+        clock.advance(0.009)  # 0.9 s in all: still below the negative TTL's low bound
+        with pytest.raises(CredentialsRejected) as again:
+            await broker.get(role)
+        errors.add(id(again.value))
+        assert again.value.code == "AccessDenied"
+    assert strict_sts.calls == 1
+    assert broker.stats.negative_hits == 200
+    assert len({id(e) for e in errors}) == len(errors)  # fresh each time: no traceback pile-up
+
+    clock.advance(5.0)  # past the negative TTL's high bound
+    with pytest.raises(CredentialsRejected):
+        await broker.get(role)
+    assert strict_sts.calls == 2
+
+    # Once STS accepts again (after the TTL), credentials flow.
+    strict_sts.reject_roles.clear()
+    clock.advance(5.01)
+    assert isinstance(await broker.get(role), Credentials)
+    assert strict_sts.calls == 3
+
+
+async def test_concurrent_cold_gets_of_a_rejected_role_make_one_call(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock)
+    strict_sts.reject_roles.add(ROLE)
+    strict_sts.delay = 0.1
+    results = await asyncio.gather(
+        *(broker.get(Role(ROLE)) for _ in range(100)), return_exceptions=True
+    )
+    assert all(isinstance(r, CredentialsRejected) for r in results)
+    assert strict_sts.calls == 1
+
+
+async def test_transient_errors_are_retried_inside_the_exchange(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock)
+    strict_sts.fail_next(1, "Throttling", 400, "Rate exceeded")
+    credentials = await broker.get(Role(ROLE))
+    assert strict_sts.calls == 2
+    assert strict_sts.requests[0].error_code == "Throttling"
+    assert credentials.access_key_id == strict_sts.requests[1].credentials["AccessKeyId"]  # type: ignore[index]
+    assert broker.stats.exchanges == 1
+
+
+async def test_unavailable_is_not_negatively_cached(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock, max_attempts=1)
+    strict_sts.fail_next(1, "ServiceUnavailable", 503, "down")
+    with pytest.raises(STSUnavailable):
+        await broker.get(Role(ROLE))
+    assert broker._failures.currsize == 0
+    assert isinstance(await broker.get(Role(ROLE)), Credentials)  # same instant, no TTL
+    assert strict_sts.calls == 2
+
+
+# -- deadline and threads ------------------------------------------------------------------
+
+
+async def test_exchange_deadline_and_a_free_loop(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS
+) -> None:
+    broker = make_broker(exchange_deadline=0.5, read_timeout=0.3)
+    strict_sts.delay = 3.0
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
+    started = time.monotonic()
+    try:
+        with pytest.raises(STSUnavailable):
+            await broker.get(Role(ROLE))
+    finally:
+        ticking.cancel()
+    # A bound for a hang, not a timing benchmark.
+    assert time.monotonic() - started < 0.5 + 1.0
+    assert ticks >= 10
+
+
+async def test_sts_calls_run_on_the_stscreds_pool(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS
+) -> None:
+    broker = make_broker()
+    strict_sts.hang = True
+    getter = asyncio.create_task(broker.get(Role(ROLE)))
+    await sts_has_calls(strict_sts, 1)
+    names = {t.ident: t.name for t in threading.enumerate()}
+    callers = [
+        names.get(ident, "?")
+        for ident, frame in sys._current_frames().items()
+        if any(
+            f.f_code.co_name == "_call" and f.f_code.co_filename.endswith("_exchange.py")
+            for f in _stack(frame)
+        )
+    ]
+    assert callers and all(name.startswith("stscreds-sts") for name in callers)
+    # The loop is free while the call is blocked in that thread.
+    loop_ok = await asyncio.wait_for(asyncio.sleep(0, result=True), 1.0)
+    assert loop_ok and not getter.done()
+    strict_sts.release()
+    assert isinstance(await getter, Credentials)
+
+
+def _stack(frame: Any) -> list[Any]:
+    frames = []
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    return frames
+
+
+# -- nothing secret anywhere ---------------------------------------------------------------
+
+
+class BrokenStore:
+    """A CredentialStore test double whose every method raises (and counts the invocations)."""
+
+    def __init__(self) -> None:
+        self.cipher = StoreCipher([generate_key()])
+        self.invocations = 0
+
+    async def _fail(self) -> Any:
+        self.invocations += 1
+        raise ConnectionError("redis://:hunter2-password@cache:6379 refused")
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._fail()  # type: ignore[no-any-return]
+
+    async def put(self, key: str, value: bytes, ttl: float) -> None:
+        await self._fail()
+
+    async def acquire(self, key: str, owner: str, ttl: float) -> bool:
+        return await self._fail()  # type: ignore[no-any-return]
+
+    async def release(self, key: str, owner: str) -> bool:
+        return await self._fail()  # type: ignore[no-any-return]
+
+    async def extend(self, key: str, owner: str, ttl: float) -> bool:
+        return await self._fail()  # type: ignore[no-any-return]
+
+    async def notify(self, key: str) -> None:
+        await self._fail()
+
+    async def wait(self, key: str, timeout: float) -> None:
+        await self._fail()
+
+    async def aclose(self) -> None:
+        await self._fail()
+
+
+class SlowStore(MemoryStore):
+    """A MemoryStore whose get takes 5 s."""
+
+    async def get(self, key: str) -> bytes | None:
+        await asyncio.sleep(5)
+        return await super().get(key)
+
+
+async def test_no_secret_in_logs_reprs_errors_or_stats(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # DEBUG for every logger, so any stscreds record at any level is captured. botocore's own
+    # DEBUG logging prints request bodies (the WebIdentityToken included): that is botocore's
+    # logging, which an app leaves off; the assertion is scoped to the "stscreds" loggers.
+    caplog.set_level(logging.DEBUG)
+    store_key = generate_key()
+    store = MemoryStore(encryption_keys=[store_key])
+    broker = make_broker(clock=clock, max_attempts=1, store=store)
+    broken = make_broker(clock=clock, max_attempts=1, store=BrokenStore())
+    texts: list[str] = []
+
+    role = Role(ROLE, subject="alice", claims={"tenant": "acme"}, policy=POLICY)
+    credentials = await broker.get(role)
+    texts += [repr(credentials), str(credentials), repr(role)]
+    # A background refresh that fails, then one that succeeds.
+    clock.set(credentials.expiration.timestamp() - 600)
+    strict_sts.fail_next(1, "Throttling", 400, "Rate exceeded")
+    await broker.get(role)
+    await asyncio.wait(list(broker._inflight.values()))
+    clock.set(broker._cache[broker.identity_key(role)].retry_at)
+    await broker.get(role)
+    renewed = await next(iter(broker._inflight.values()))
+    texts += [repr(renewed), repr(broker._cache[broker.identity_key(role)])]
+    # Through the broken store (its error message holds a password).
+    texts.append(repr(await broken.get(role)))
+
+    # Rejected, rejected with the token quoted in STS's message, unavailable.
+    errors: list[BaseException] = []
+    strict_sts.reject_roles.add(OTHER_ROLE)
+    with pytest.raises(CredentialsRejected) as rejected:
+        await broker.get(Role(OTHER_ROLE))
+    errors.append(rejected.value)
+    with pytest.raises(CredentialsRejected) as rejected_again:
+        await broker.get(Role(OTHER_ROLE))  # the negative-cache copy
+    errors.append(rejected_again.value)
+    quoted = token_of(strict_sts)
+    strict_sts.fail_next(1, "InvalidIdentityToken", 400, f"Bad token {quoted} for provider")
+    with pytest.raises(CredentialsRejected) as invalid:
+        await broker.get(Role(ROLE, subject="carol"))
+    errors.append(invalid.value)
+    strict_sts.fail_always("ServiceUnavailable", 503, "Service unavailable")
+    with pytest.raises(STSUnavailable) as unavailable:
+        await broker.get(Role(ROLE, subject="dave"))
+    errors.append(unavailable.value)
+    strict_sts.clear_faults()
+
+    for error in errors:
+        texts += [str(error), repr(error), error.message]  # type: ignore[attr-defined]
+    texts += [
+        repr(broker),
+        repr(broken),
+        repr(broker.stats),
+        repr(broker.store_stats),
+        repr(broken.store_stats),
+        repr(store),
+        repr(store.cipher),
+    ]
+    ours = [r for r in caplog.records if r.name == "stscreds" or r.name.startswith("stscreds.")]
+    assert ours, "the flow above logs warnings; the capture must not be vacuous"
+    for record in ours:
+        texts.append(record.getMessage())
+        if record.exc_info:
+            texts.append(logging.Formatter().formatException(record.exc_info))
+    haystack = "\n".join(texts)
+
+    secrets: list[str] = [store_key, "hunter2-password"]
+    for rec in strict_sts.requests:
+        token = rec.params["WebIdentityToken"]
+        secrets += [token, *token.split(".")[1:]]  # the header segment alone is not secret
+        if rec.credentials:
+            secrets += [rec.credentials["SecretAccessKey"], rec.credentials["SessionToken"]]
+    pem = KEY.to_pem().decode()
+    secrets += [line for line in pem.splitlines() if line and not line.startswith("-----")]
+    assert len(strict_sts.requests) >= 6
+    leaked = [s for s in secrets if s in haystack]
+    assert leaked == []
+    assert "<redacted>" in str(invalid.value)
+
+
+# -- the shared store ----------------------------------------------------------------------
+
+
+async def test_four_brokers_sharing_a_store_make_one_call_and_one_refresh(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    store = MemoryStore(encryption_keys=[generate_key()])
+    brokers = [make_broker(clock=clock, store=store) for _ in range(4)]
+    role = Role(ROLE, subject="shared")
+    strict_sts.delay = 0.05
+    results = await asyncio.gather(*(b.get(role) for b in brokers for _ in range(100)))
+    assert strict_sts.calls == 1
+    assert len({c.access_key_id for c in results}) == 1
+    assert sum(b.store_stats.leases for b in brokers) == 1  # type: ignore[union-attr]
+    assert sum(b.store_stats.hits for b in brokers) == 3  # type: ignore[union-attr]
+    first = results[0]
+
+    # Into every broker's advisory window (past any jitter): one refresh for all four.
+    clock.set(first.expiration.timestamp() - 600)
+    for broker in brokers:
+        assert (await broker.get(role)).access_key_id == first.access_key_id
+    refreshes = [t for b in brokers for t in b._inflight.values()]
+    assert len(refreshes) == 4
+    renewed = await asyncio.gather(*refreshes)
+    assert strict_sts.calls == 2
+    assert len({c.access_key_id for c in renewed}) == 1
+    assert renewed[0].access_key_id != first.access_key_id
+    for broker in brokers:
+        assert (await broker.get(role)).access_key_id == renewed[0].access_key_id
+    assert strict_sts.calls == 2
+
+
+async def test_broken_store_fails_open_with_one_warning_and_a_breaker(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="stscreds")
+    store = BrokenStore()
+    broker = make_broker(clock=clock, store=store)
+    for i in range(50):
+        assert isinstance(await broker.get(Role(ROLE, subject=f"user-{i}")), Credentials)
+    assert strict_sts.calls == 50
+    stats = broker.store_stats
+    assert stats is not None
+    assert stats.errors >= 1
+    assert stats.errors == store.invocations  # every invocation failed and was counted
+    assert store.invocations <= 5  # the open breaker skips the store, not one timeout per get
+    assert stats.outages == 1
+    warnings = [r for r in caplog.records if "shared store unavailable" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "ConnectionError" in warnings[0].getMessage()
+    assert "hunter2" not in caplog.text
+
+
+async def test_broker_aclose_survives_a_broken_store(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS
+) -> None:
+    # The protocol says every store method may raise; closing the broker must still work.
+    broker = make_broker(store=BrokenStore())
+    await broker.get(Role(ROLE))
+    await broker.aclose()
+
+
+async def test_slow_store_costs_at_most_the_store_timeout(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock, store=SlowStore(encryption_keys=[generate_key()]))
+    started = time.monotonic()
+    credentials = await broker.get(Role(ROLE))
+    elapsed = time.monotonic() - started
+    assert isinstance(credentials, Credentials)
+    assert elapsed < 2.0
+    assert strict_sts.calls == 1
+    assert broker.store_stats is not None and broker.store_stats.errors == 1
+
+
+async def test_tampered_store_value_is_never_served(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    store = MemoryStore(encryption_keys=[generate_key()])
+    role = Role(ROLE, subject="victim")
+    writer = make_broker(clock=clock, store=store)
+    planted = await writer.get(role)
+    key = writer.identity_key(role)
+    # Untouched, the value serves another worker without a call.
+    reader = make_broker(clock=clock, store=store)
+    assert (await reader.get(role)).access_key_id == planted.access_key_id
+    assert strict_sts.calls == 1
+
+    value, expires = store._values[key]
+    middle = len(value) // 2
+    tampered = value[:middle] + bytes([value[middle] ^ 0x01]) + value[middle + 1 :]
+    store._values[key] = (tampered, expires)
+    victim = make_broker(clock=clock, store=store)
+    fresh = await victim.get(role)
+    assert fresh.access_key_id != planted.access_key_id
+    assert fresh.secret_access_key != planted.secret_access_key
+    assert strict_sts.calls == 2
+    assert victim.store_stats is not None and victim.store_stats.rejected >= 1
+    assert victim.store_stats.hits == 0
+
+
+@pytest.mark.parametrize("encrypted", [True, False])
+async def test_value_copied_under_another_identity_is_not_served(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    encrypted: bool,
+) -> None:
+    store = (
+        MemoryStore(encryption_keys=[generate_key()])
+        if encrypted
+        else MemoryStore(allow_plaintext=True)
+    )
+    alice, mallory = Role(ROLE, subject="alice"), Role(ROLE, subject="mallory")
+    first = make_broker(clock=clock, store=store)
+    alices = await first.get(alice)
+    # Someone with write access to the store copies alice's value under mallory's key.
+    store._values[first.identity_key(mallory)] = store._values[first.identity_key(alice)]
+    second = make_broker(clock=clock, store=store)
+    mallorys = await second.get(mallory)
+    assert mallorys.access_key_id != alices.access_key_id
+    assert strict_sts.calls == 2
+    assert strict_sts.requests[1].claims is not None
+    assert strict_sts.requests[1].claims["sub"] == "mallory"
+    assert second.store_stats is not None and second.store_stats.rejected >= 1
+
+
+async def test_store_value_near_expiry_is_not_served(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    store = MemoryStore(encryption_keys=[generate_key()])
+    role = Role(ROLE, duration_seconds=900)
+    writer = make_broker(clock=clock, store=store)
+    planted = await writer.get(role)
+    expires = planted.expiration.timestamp()
+
+    # 70 s left (more than the mandatory window + margin): served from the store.
+    clock.set(expires - 70)
+    early = make_broker(clock=clock, store=store)
+    assert (await early.get(role)).access_key_id == planted.access_key_id
+    assert strict_sts.calls == 1
+
+    # 64 s left: the store's own TTL has not run out, but the value must not be served.
+    clock.set(expires - 64)
+    late = make_broker(clock=clock, store=store)
+    fresh = await late.get(role)
+    assert fresh.access_key_id != planted.access_key_id
+    assert fresh.seconds_left(clock.time()) == 900
+    assert strict_sts.calls == 2
+    assert late.store_stats is not None and late.store_stats.hits == 0
+
+
+async def test_lease_of_a_dead_owner_is_taken_over_after_it_expires(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    lease_clock = FakeClock(1000.0)
+    store = MemoryStore(encryption_keys=[generate_key()], clock=lease_clock.time)
+    broker = make_broker(clock=clock, store=store, lease_ttl=5.0)
+    role = Role(ROLE)
+    key = broker.identity_key(role)
+    assert await store.acquire(key, "dead-worker", 30.0)
+
+    getter = asyncio.create_task(broker.get(role))
+    stats = broker.store_stats
+    assert stats is not None
+    await wait_until(lambda: stats.waits >= 1)
+    assert strict_sts.calls == 0
+    assert not getter.done()
+
+    lease_clock.advance(31.0)  # the dead worker's lease runs out
+    await store.notify(key)  # wake the waiter now instead of after its wait slice
+    credentials = await asyncio.wait_for(getter, 5.0)
+    assert strict_sts.calls == 1
+    assert stats.leases == 1
+    assert key not in store._leases  # released after the put
+    assert store._values[key][0]  # and the fleet can read the value
+    assert isinstance(credentials, Credentials)
+
+
+async def test_stuck_lease_holder_is_given_up_on(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="stscreds")
+    lease_clock = FakeClock(1000.0)  # never advanced: the holder's lease never expires
+    store = MemoryStore(encryption_keys=[generate_key()], clock=lease_clock.time)
+    broker = make_broker(clock=clock, store=store, lease_ttl=0.3)
+    role = Role(ROLE)
+    assert await store.acquire(broker.identity_key(role), "stuck-worker", 3600.0)
+    started = time.monotonic()
+    assert isinstance(await broker.get(role), Credentials)
+    elapsed = time.monotonic() - started
+    # It waited for the fleet (2 x lease_ttl), then went to STS alone.
+    assert 0.5 <= elapsed < 3.0
+    assert strict_sts.calls == 1
+    assert any("gave up waiting" in r.getMessage() for r in caplog.records)
+
+
+async def test_context_manager_cancels_in_flight_exchanges(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS
+) -> None:
+    broker = make_broker()
+    strict_sts.hang = True
+    async with broker:
+        getter = asyncio.create_task(broker.get(Role(ROLE)))
+        await sts_has_calls(strict_sts, 1)
+        assert len(broker._inflight) == 1
+    assert broker._inflight == {}
+    with pytest.raises(asyncio.CancelledError):
+        await getter
+    strict_sts.release()

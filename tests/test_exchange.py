@@ -1,0 +1,483 @@
+"""The STS exchange: error classification, retries, deadline and endpoints, against StrictSTS."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from botocore.exceptions import (
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+
+from servers.sts import StrictSTS
+from stscreds import Credentials, CredentialsRejected, SigningKey, STSUnavailable, SystemClock
+from stscreds._exchange import (
+    NON_RECOVERABLE_CODES,
+    TRANSIENT_CODES,
+    ExchangeRequest,
+    StsExchanger,
+    classify_error,
+)
+from stscreds._signing import TokenMinter
+
+ROLE = "arn:aws:iam::123456789012:role/exchange-test"
+ISSUER = "http://127.0.0.1:1/exchange-issuer"
+KEY = SigningKey.generate("ES256", kid="exchange-key")
+# A JWT-shaped string as STS might quote in a message (header.payload.signature).
+JWT_LIKE = (
+    "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0.eyJzdWIiOiJ1c2VyLTQyIiwiaXNzIjoiaHR0cHMifQ.c2lnbmF0dXJl"
+)
+
+
+def client_error(code: str | None, status: int, message: str = "boom") -> ClientError:
+    error: dict[str, Any] = {"Message": message}
+    if code is not None:
+        error["Code"] = code
+    return ClientError(
+        {"Error": error, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "AssumeRoleWithWebIdentity",
+    )
+
+
+# -- classify_error ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", sorted(NON_RECOVERABLE_CODES))
+def test_non_recoverable_codes_are_rejected(code: str) -> None:
+    status = 403 if code == "AccessDenied" else 400
+    error = classify_error(client_error(code, status), ROLE)
+    assert type(error) is CredentialsRejected
+    assert error.code == code
+    assert error.role_arn == ROLE
+    assert code in str(error)
+    assert error.status_code == 502
+
+
+def test_every_documented_non_recoverable_code_is_listed() -> None:
+    assert {
+        "AccessDenied",
+        "IDPRejectedClaim",
+        "InvalidIdentityToken",
+        "MalformedPolicyDocument",
+        "PackedPolicyTooLarge",
+        "RegionDisabledException",
+        "ExpiredTokenException",
+    } <= NON_RECOVERABLE_CODES
+    assert not NON_RECOVERABLE_CODES & TRANSIENT_CODES
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        ("Throttling", 400),  # STS throttles with HTTP 400 "Rate exceeded"
+        ("IDPCommunicationError", 400),
+        ("ServiceUnavailable", 503),
+        ("InternalFailure", 500),
+        ("SomethingNew", 500),  # any 5xx
+        ("SomethingNew", 502),
+        (None, 503),  # no code at all
+        ("SlowDown", 429),
+    ],
+)
+def test_transient_errors_are_unavailable(code: str | None, status: int) -> None:
+    error = classify_error(client_error(code, status, "Rate exceeded"), ROLE)
+    assert type(error) is STSUnavailable
+    assert error.code == code
+    assert error.status_code == 503
+
+
+@pytest.mark.parametrize("code", ["ValidationError", "InvalidParameterValue", "Whatever"])
+def test_unknown_4xx_is_rejected(code: str) -> None:
+    error = classify_error(client_error(code, 400), ROLE)
+    assert type(error) is CredentialsRejected
+    assert error.code == code
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        EndpointConnectionError(endpoint_url="https://sts.us-east-1.amazonaws.com/"),
+        ReadTimeoutError(endpoint_url="https://sts.us-east-1.amazonaws.com/"),
+        ConnectTimeoutError(endpoint_url="https://sts.us-east-1.amazonaws.com/"),
+        NoCredentialsError(),
+        ConnectionResetError(104, "Connection reset by peer"),
+        TimeoutError(),
+    ],
+)
+def test_transport_errors_are_unavailable(exc: BaseException) -> None:
+    error = classify_error(exc, ROLE)
+    assert type(error) is STSUnavailable
+    assert error.code is None
+    assert type(exc).__name__ in str(error)
+
+
+def test_unexpected_errors_are_unavailable_and_say_only_the_type() -> None:
+    error = classify_error(RuntimeError("secret detail AKIA... do not show"), ROLE)
+    assert type(error) is STSUnavailable
+    assert "RuntimeError" in str(error)
+    assert "secret detail" not in str(error)
+
+
+def test_already_classified_errors_pass_through() -> None:
+    original = CredentialsRejected("nope", code="AccessDenied")
+    assert classify_error(original) is original
+
+
+@pytest.mark.parametrize("code", ["InvalidIdentityToken", "Throttling"])
+def test_jwt_in_sts_message_is_redacted(code: str) -> None:
+    message = f"Token {JWT_LIKE} is not valid for audience"
+    error = classify_error(client_error(code, 400, message), ROLE)
+    text = str(error) + repr(error) + error.message
+    assert JWT_LIKE not in text
+    assert JWT_LIKE.split(".")[1] not in text
+    assert "<redacted>" in error.message
+    assert "is not valid for audience" in error.message
+
+
+def test_long_sts_message_is_capped() -> None:
+    error = classify_error(client_error("ValidationError", 400, "x" * 5000), ROLE)
+    assert len(error.message) <= 300
+
+
+# -- StsExchanger construction -------------------------------------------------------------
+
+
+@pytest.fixture
+def no_endpoint_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # botocore honours AWS_ENDPOINT_URL[_STS] and AWS_STS_REGIONAL_ENDPOINTS from the env.
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_STS", "AWS_STS_REGIONAL_ENDPOINTS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/stscreds-test-config")
+
+
+@pytest.mark.usefixtures("no_endpoint_env")
+@pytest.mark.parametrize(
+    ("region", "url"),
+    [
+        ("eu-west-1", "https://sts.eu-west-1.amazonaws.com"),
+        # Regional even in us-east-1 (not the global sts.amazonaws.com).
+        ("us-east-1", "https://sts.us-east-1.amazonaws.com"),
+        ("ap-southeast-2", "https://sts.ap-southeast-2.amazonaws.com"),
+    ],
+)
+def test_regional_endpoint_by_default(region: str, url: str) -> None:
+    exchanger = StsExchanger(region=region)
+    try:
+        assert exchanger.endpoint_url == url
+        assert exchanger.region == region
+    finally:
+        exchanger.close()
+
+
+@pytest.mark.usefixtures("no_endpoint_env")
+def test_regional_endpoint_wins_over_legacy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_STS_REGIONAL_ENDPOINTS", "legacy")
+    exchanger = StsExchanger(region="us-east-1")
+    try:
+        assert exchanger.endpoint_url == "https://sts.us-east-1.amazonaws.com"
+    finally:
+        exchanger.close()
+
+
+def test_explicit_endpoint_url() -> None:
+    exchanger = StsExchanger(region="eu-west-1", endpoint_url="http://127.0.0.1:9")
+    try:
+        assert exchanger.endpoint_url == "http://127.0.0.1:9"
+    finally:
+        exchanger.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"region": ""}, "region"),
+        ({"region": None}, "region"),
+        ({"connect_timeout": 0}, "connect_timeout"),
+        ({"connect_timeout": -1.0}, "connect_timeout"),
+        ({"connect_timeout": "2"}, "connect_timeout"),
+        ({"read_timeout": 0}, "read_timeout"),
+        ({"read_timeout": None}, "read_timeout"),
+        ({"deadline": 0}, "deadline"),
+        ({"deadline": -5}, "deadline"),
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"max_attempts": 1.5}, "max_attempts"),
+        ({"max_workers": 0}, "max_workers"),
+        ({"max_workers": "8"}, "max_workers"),
+    ],
+)
+def test_constructor_validation(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        StsExchanger(**kwargs)
+
+
+def test_botocore_retries_and_default_timeouts_are_replaced() -> None:
+    exchanger = StsExchanger(endpoint_url="http://127.0.0.1:9", connect_timeout=1.5, read_timeout=3)
+    try:
+        config = exchanger._client.meta.config
+        assert config.connect_timeout == 1.5
+        assert config.read_timeout == 3
+        assert config.retries["total_max_attempts"] == 1
+        assert exchanger.deadline == 10.0
+        assert exchanger.max_attempts == 3
+    finally:
+        exchanger.close()
+
+
+# -- StsExchanger against StrictSTS --------------------------------------------------------
+
+
+@pytest.fixture
+def sts(strict_sts: StrictSTS) -> StrictSTS:
+    strict_sts.configure(issuer=ISSUER, jwks={"keys": [KEY.public_jwk()]})
+    return strict_sts
+
+
+@pytest.fixture
+def minter() -> TokenMinter:
+    return TokenMinter(
+        issuer=ISSUER, audience="sts.amazonaws.com", keys=[KEY], token_ttl=300, clock=SystemClock()
+    )
+
+
+@pytest.fixture
+def make_exchanger() -> Iterator[Any]:
+    made: list[StsExchanger] = []
+
+    def make(endpoint_url: str, **kwargs: Any) -> StsExchanger:
+        kwargs.setdefault("connect_timeout", 1.0)
+        kwargs.setdefault("read_timeout", 2.0)
+        kwargs.setdefault("retry_base_delay", 0.01)
+        exchanger = StsExchanger(endpoint_url=endpoint_url, **kwargs)
+        made.append(exchanger)
+        return exchanger
+
+    yield make
+    for exchanger in made:
+        exchanger.close()
+
+
+def request(policy: str | None = None) -> ExchangeRequest:
+    return ExchangeRequest(
+        role_arn=ROLE, session_name="session-1", duration_seconds=900, policy=policy
+    )
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+async def test_exchange_succeeds(sts: StrictSTS, minter: TokenMinter, make_exchanger: Any) -> None:
+    exchanger = make_exchanger(sts.url)
+    policy = '{"Version":"2012-10-17","Statement":[]}'
+    credentials = await exchanger.exchange(request(policy), lambda: minter.mint("user-1"))
+    assert isinstance(credentials, Credentials)
+    assert sts.calls == 1
+    (rec,) = sts.requests
+    assert rec.status == 200
+    assert rec.credentials is not None
+    assert credentials.access_key_id == rec.credentials["AccessKeyId"]
+    assert credentials.secret_access_key == rec.credentials["SecretAccessKey"]
+    assert credentials.session_token == rec.credentials["SessionToken"]
+    assert 850 < credentials.seconds_left(time.time()) <= 900
+    assert rec.session_name == "session-1"
+    assert rec.duration == 900
+    assert rec.policy == policy
+    assert rec.claims is not None and rec.claims["sub"] == "user-1"
+
+
+async def test_exchange_without_policy_sends_none(
+    sts: StrictSTS, minter: TokenMinter, make_exchanger: Any
+) -> None:
+    exchanger = make_exchanger(sts.url)
+    await exchanger.exchange(request(), lambda: minter.mint("user-1"))
+    (rec,) = sts.requests
+    assert "Policy" not in rec.params
+
+
+async def test_exchange_request_repr_has_no_token() -> None:
+    token = "eyJsecret.token.value"
+    req = request()
+    assert token not in repr(req)
+    assert req.params(token)["WebIdentityToken"] == token
+
+
+async def test_mint_and_call_run_on_the_sts_pool(
+    sts: StrictSTS, minter: TokenMinter, make_exchanger: Any
+) -> None:
+    threads: list[str] = []
+
+    def mint() -> str:
+        threads.append(threading.current_thread().name)
+        return minter.mint("user-1")
+
+    await make_exchanger(sts.url).exchange(request(), mint)
+    assert threads and threads[0].startswith("stscreds-sts")
+
+
+async def test_connection_refused_is_unavailable_quickly(
+    minter: TokenMinter, make_exchanger: Any
+) -> None:
+    exchanger = make_exchanger(f"http://127.0.0.1:{closed_port()}", max_attempts=3)
+    started = time.monotonic()
+    with pytest.raises(STSUnavailable, match="unreachable") as info:
+        await exchanger.exchange(request(), lambda: minter.mint("user-1"))
+    assert info.value.code is None
+    # Three refused connects plus two short backoffs: well under a second.
+    assert time.monotonic() - started < 2.0
+
+
+async def test_retries_are_bounded_by_max_attempts(
+    sts: StrictSTS, minter: TokenMinter, make_exchanger: Any
+) -> None:
+    sts.fail_next(5, "Throttling", 400, "Rate exceeded")
+    exchanger = make_exchanger(sts.url, max_attempts=3)
+    with pytest.raises(STSUnavailable) as info:
+        await exchanger.exchange(request(), lambda: minter.mint("user-1"))
+    assert info.value.code == "Throttling"
+    assert sts.calls == 3
+    assert [r.error_code for r in sts.requests] == ["Throttling"] * 3
+
+
+async def test_transient_error_then_success(
+    sts: StrictSTS, minter: TokenMinter, make_exchanger: Any
+) -> None:
+    sts.fail_next(2, "IDPCommunicationError", 400, "could not reach IdP")
+    exchanger = make_exchanger(sts.url, max_attempts=3)
+    credentials = await exchanger.exchange(request(), lambda: minter.mint("user-1"))
+    assert sts.calls == 3
+    assert sts.successes == 1
+    assert credentials.access_key_id == sts.requests[-1].credentials["AccessKeyId"]  # type: ignore[index]
+
+
+async def test_non_recoverable_error_is_not_retried(
+    sts: StrictSTS, minter: TokenMinter, make_exchanger: Any
+) -> None:
+    sts.reject_roles.add(ROLE)
+    exchanger = make_exchanger(sts.url, max_attempts=5)
+    with pytest.raises(CredentialsRejected) as info:
+        await exchanger.exchange(request(), lambda: minter.mint("user-1"))
+    assert info.value.code == "AccessDenied"
+    assert sts.calls == 1
+
+
+async def test_invalid_token_is_rejected_and_token_not_in_message(
+    sts: StrictSTS, make_exchanger: Any
+) -> None:
+    other = SigningKey.generate("ES256", kid="exchange-key")  # same kid, wrong key
+    bad_minter = TokenMinter(
+        issuer=ISSUER,
+        audience="sts.amazonaws.com",
+        keys=[other],
+        token_ttl=300,
+        clock=SystemClock(),
+    )
+    tokens: list[str] = []
+
+    def mint() -> str:
+        tokens.append(bad_minter.mint("user-1"))
+        return tokens[-1]
+
+    exchanger = make_exchanger(sts.url)
+    with pytest.raises(CredentialsRejected) as info:
+        await exchanger.exchange(request(), mint)
+    assert info.value.code == "InvalidIdentityToken"
+    assert sts.calls == 1
+    for part in tokens[0].split("."):
+        assert part not in str(info.value)
+
+
+async def test_sts_error_message_quoting_the_token_is_redacted(
+    sts: StrictSTS, minter: TokenMinter, make_exchanger: Any
+) -> None:
+    token = minter.mint("user-1")
+    sts.fail_next(1, "IDPRejectedClaim", 400, f"Claim rejected in token {token}")
+    exchanger = make_exchanger(sts.url)
+    with pytest.raises(CredentialsRejected) as info:
+        await exchanger.exchange(request(), lambda: token)
+    text = str(info.value) + repr(info.value)
+    assert "Claim rejected in token" in text
+    for part in token.split("."):
+        assert part not in text
+
+
+async def test_deadline_bounds_retries(
+    sts: StrictSTS, minter: TokenMinter, make_exchanger: Any
+) -> None:
+    # A backoff that would cross the deadline is not slept: the error is raised at once.
+    sts.fail_always("ServiceUnavailable", 503)
+    exchanger = make_exchanger(sts.url, deadline=0.3, max_attempts=10, retry_base_delay=1.0)
+    started = time.monotonic()
+    with pytest.raises(STSUnavailable) as info:
+        await exchanger.exchange(request(), lambda: minter.mint("user-1"))
+    assert time.monotonic() - started < 1.0
+    assert info.value.code == "ServiceUnavailable"
+    assert sts.calls == 1
+
+
+async def test_slow_sts_hits_the_deadline_without_blocking_the_loop(
+    sts: StrictSTS, minter: TokenMinter, make_exchanger: Any
+) -> None:
+    sts.delay = 3.0
+    exchanger = make_exchanger(sts.url, deadline=0.5, read_timeout=2.0, max_attempts=3)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    started = time.monotonic()
+    try:
+        with pytest.raises(STSUnavailable, match=r"did not answer within 0\.5s"):
+            await exchanger.exchange(request(), lambda: minter.mint("user-1"))
+    finally:
+        task.cancel()
+    elapsed = time.monotonic() - started
+    assert elapsed < 0.5 + 1.0
+    assert ticks >= 10  # the loop kept running while botocore blocked a pool thread
+
+
+async def test_answer_without_credentials_is_unavailable() -> None:
+    from stscreds._exchange import _credentials_from
+
+    with pytest.raises(STSUnavailable, match="without usable credentials"):
+        _credentials_from({"AssumedRoleUser": {}})
+    with pytest.raises(STSUnavailable):
+        _credentials_from({"Credentials": {"AccessKeyId": "A", "SecretAccessKey": "S"}})
+
+
+async def test_deadline_covers_waiting_for_a_pool_thread(
+    sts: StrictSTS, minter: TokenMinter, make_exchanger: Any
+) -> None:
+    # A stalled STS fills the pool with calls blocked until read_timeout. An exchange that
+    # arrives then must still fail within its deadline, not queue its token minting behind
+    # the blocked calls with no bound (the original production problem: requests hanging
+    # on a stalled STS). One worker makes the backlog easy to build.
+    sts.hang = True
+    exchanger = make_exchanger(sts.url, max_workers=1, deadline=0.5, read_timeout=3.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(STSUnavailable):
+            await exchanger.exchange(request(), lambda: minter.mint("user-1"))
+        assert time.monotonic() - started < 0.5 + 1.0
+        # The pool's only thread is still blocked in the first call's read.
+        started = time.monotonic()
+        with pytest.raises(STSUnavailable):
+            await exchanger.exchange(request(), lambda: minter.mint("user-2"))
+        assert time.monotonic() - started < 0.5 + 1.0
+    finally:
+        sts.release()
