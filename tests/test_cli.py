@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
@@ -13,6 +14,7 @@ import jwt
 import pytest
 
 from stscreds._signing import SigningKey
+from stscreds.stores import StoreCipher
 
 
 def run_cli(*args: str | os.PathLike[str], umask: int | None = None) -> subprocess.CompletedProcess:
@@ -212,3 +214,16 @@ def test_jwks_missing_keyfile_fails(tmp_path: Path) -> None:
 def test_jwks_requires_a_keyfile() -> None:
     result = run_cli("jwks")
     assert result.returncode == 2
+
+
+# --- store-key -------------------------------------------------------------------------------
+
+
+def test_store_key_prints_a_fresh_usable_aes256_key() -> None:
+    first, second = run_cli("store-key"), run_cli("store-key")
+    assert first.returncode == 0 and second.returncode == 0
+    key = first.stdout.strip()
+    assert key != second.stdout.strip()
+    assert len(base64.b64decode(key)) == 32
+    cipher = StoreCipher([key])
+    assert cipher.open("k", cipher.seal("k", b"secret")) == b"secret"

@@ -1,4 +1,4 @@
-"""Command line: ``python -m stscreds keygen`` and ``python -m stscreds jwks KEYFILE...``."""
+"""Command line: ``python -m stscreds keygen | jwks KEYFILE... | store-key``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from ._signing import SigningKey
+from .stores import generate_key
 
 _ALGS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
 
@@ -53,6 +54,11 @@ def _jwks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_key(args: argparse.Namespace) -> int:
+    print(generate_key())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the stscreds command line; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m stscreds", description=__doc__)
@@ -65,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     jwks = commands.add_parser("jwks", help="print the JWKS publishing the given keys")
     jwks.add_argument("keyfiles", nargs="+", metavar="KEYFILE")
     jwks.set_defaults(run=_jwks)
+    store_key = commands.add_parser(
+        "store-key", help="print a new base64 AES-256 key for encrypting a shared store"
+    )
+    store_key.set_defaults(run=_store_key)
     args = parser.parse_args(argv)
     return int(args.run(args))
 
