@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stscreds
 
-.PHONY: venv demo test lint typecheck check bench clean
+.PHONY: venv deps demo test lint typecheck check bench clean
 
 venv: $(STAMP)
 
@@ -18,7 +18,21 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(PY) examples/demo.py
 
-test: venv
+# The tests start a real redis-server. Install it where we can (root with apt-get, as in CI);
+# anywhere else say how, rather than let the Redis tests fail one by one.
+deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing redis-server (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+	  else \
+	    echo "make test needs redis-server: install it (Debian/Ubuntu: sudo apt-get install" \
+	      "redis-server; macOS: brew install redis) and run make test again" >&2; \
+	    exit 1; \
+	  fi; \
+	}
+
+test: venv deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv

@@ -1,21 +1,28 @@
 """FastAPI: an ``Annotated`` dependency hands each route the request's AWS credentials.
 
-Run: uvicorn examples.fastapi_app:app  (configuration: see examples/settings.py)
+Run: uvicorn examples.fastapi_app:app  (configuration: see examples/settings.py;
+STSCREDS_S3_ENDPOINT overrides the S3 endpoint)
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import os
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, Header
 
-from examples.settings import make_broker, role_for_tenant
+from examples.settings import ACCOUNT_ID, make_broker, role_for_tenant
 from stscreds import Credentials, CredentialsMiddleware, Role
+from stscreds.aws import client
+from stscreds.fastapi import AwsCredentials, credentials_for
+
+S3_ENDPOINT = os.environ.get("STSCREDS_S3_ENDPOINT") or None
+REGION = os.environ.get("STSCREDS_REGION", "us-east-1")
 
 broker = make_broker()
 
 
-def resolve_role(scope: dict) -> Role | None:
+def resolve_role(scope: dict[str, Any]) -> Role | None:
     """Pick the role from the X-Tenant header (a real app would use its auth)."""
     for name, value in scope["headers"]:
         if name == b"x-tenant":
@@ -23,15 +30,9 @@ def resolve_role(scope: dict) -> Role | None:
     return None
 
 
-def aws_credentials(request: Request) -> Credentials:
-    """The credentials CredentialsMiddleware put on this request."""
-    credentials: Credentials | None = getattr(request.state, "aws_credentials", None)
-    if credentials is None:
-        raise HTTPException(status_code=400, detail="send an X-Tenant header")
-    return credentials
-
-
-AwsCredentials = Annotated[Credentials, Depends(aws_credentials)]
+# A role some routes need whatever the caller's tenant: fetched (and cached) on demand.
+REPORTS_ROLE = Role(f"arn:aws:iam::{ACCOUNT_ID}:role/reports", subject="reports")
+ReportsCredentials = Annotated[Credentials, Depends(credentials_for(REPORTS_ROLE, broker=broker))]
 
 app = FastAPI(title="stscreds example")
 app.add_middleware(CredentialsMiddleware, broker=broker, resolve_role=resolve_role)
@@ -43,3 +44,22 @@ async def whoami(credentials: AwsCredentials) -> dict[str, str]:
         "access_key_id_tail": credentials.access_key_id[-4:],
         "expiration": credentials.expiration.isoformat(),
     }
+
+
+# Plain ``def``: botocore blocks, so FastAPI runs these routes in its thread pool.
+@app.get("/objects")
+def objects(credentials: AwsCredentials, x_tenant: Annotated[str, Header()]) -> dict[str, Any]:
+    """List the tenant's bucket (tenant-<name>) with the tenant's credentials."""
+    return list_bucket(credentials, f"tenant-{x_tenant}")
+
+
+@app.get("/reports")
+def reports(credentials: ReportsCredentials) -> dict[str, Any]:
+    """List the reports bucket with the reports role, whoever the caller is."""
+    return list_bucket(credentials, "reports")
+
+
+def list_bucket(credentials: Credentials, bucket: str) -> dict[str, Any]:
+    s3 = client(credentials, "s3", region=REGION, endpoint_url=S3_ENDPOINT)
+    listed = s3.list_objects_v2(Bucket=bucket)
+    return {"bucket": bucket, "keys": [item["Key"] for item in listed.get("Contents", [])]}

@@ -1,11 +1,16 @@
 """Starlette: each request for a tenant (X-Tenant header) gets that tenant's AWS credentials.
 
-Run: uvicorn examples.starlette_app:app  (configuration: see examples/settings.py)
+Run: uvicorn examples.starlette_app:app  (configuration: see examples/settings.py;
+STSCREDS_S3_ENDPOINT overrides the S3 endpoint and STSCREDS_WARM_UP names tenants,
+comma-separated, whose credentials are fetched in the background at start-up).
 """
 
 from __future__ import annotations
 
+import os
+
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -13,6 +18,11 @@ from starlette.routing import Route
 
 from examples.settings import make_broker, role_for_tenant
 from stscreds import CredentialsMiddleware, Role
+from stscreds.aws import client
+
+S3_ENDPOINT = os.environ.get("STSCREDS_S3_ENDPOINT") or None
+REGION = os.environ.get("STSCREDS_REGION", "us-east-1")
+WARM_UP = [role_for_tenant(t) for t in os.environ.get("STSCREDS_WARM_UP", "").split(",") if t]
 
 broker = make_broker()
 
@@ -37,7 +47,27 @@ async def whoami(request: Request) -> JSONResponse:
     )
 
 
+async def objects(request: Request) -> JSONResponse:
+    """List the tenant's bucket (tenant-<name>) with the tenant's credentials."""
+    credentials = request.state.aws_credentials
+    if credentials is None:
+        return JSONResponse({"error": "send an X-Tenant header"}, status_code=400)
+    bucket = f"tenant-{request.headers['x-tenant']}"
+    s3 = client(credentials, "s3", region=REGION, endpoint_url=S3_ENDPOINT)
+    # botocore blocks: off the event loop.
+    listed = await run_in_threadpool(s3.list_objects_v2, Bucket=bucket)
+    keys = [item["Key"] for item in listed.get("Contents", [])]
+    return JSONResponse({"bucket": bucket, "keys": keys})
+
+
 app = Starlette(
-    routes=[Route("/whoami", whoami)],
-    middleware=[Middleware(CredentialsMiddleware, broker=broker, resolve_role=resolve_role)],
+    routes=[Route("/whoami", whoami), Route("/objects", objects)],
+    middleware=[
+        Middleware(
+            CredentialsMiddleware,
+            broker=broker,
+            resolve_role=resolve_role,
+            warm_up=[role for role in WARM_UP if role],
+        )
+    ],
 )

@@ -11,6 +11,7 @@ from ._credentials import Credentials
 from ._errors import CredentialsRejected, CredentialsUnavailable, STSUnavailable
 from ._roles import Role
 from ._signing import SigningKey
+from ._wsgi import CredentialsWSGIMiddleware
 
 __all__ = [
     "BrokerStats",
@@ -20,6 +21,7 @@ __all__ = [
     "CredentialsMiddleware",
     "CredentialsRejected",
     "CredentialsUnavailable",
+    "CredentialsWSGIMiddleware",
     "Role",
     "STSUnavailable",
     "SigningKey",

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import inspect
 import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
-from urllib.parse import urlsplit
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from ._broker import CredentialBroker
 from ._errors import CredentialsUnavailable
 from ._roles import Role
 
-__all__ = ["CredentialsMiddleware", "error_body"]
+__all__ = ["CredentialsMiddleware", "error_body", "run_warm_up"]
 
 logger = logging.getLogger("stscreds")
 
@@ -27,6 +28,7 @@ RoleResolver = Callable[[Scope], "Role | Awaitable[Role | None] | None"]
 ErrorHandler = Callable[
     [Scope, CredentialsUnavailable], "ASGIApp | Awaitable[ASGIApp | None] | None"
 ]
+Lifespan = Literal["auto", "on", "pass"]
 
 #: Seconds a client is told to wait after a 503.
 RETRY_AFTER = 5
@@ -43,10 +45,56 @@ def error_body(error: CredentialsUnavailable) -> dict[str, Any]:
     return {"error": text, "code": error.code}
 
 
+async def run_warm_up(broker: CredentialBroker, roles: Sequence[Role]) -> int:
+    """Fetch credentials for every role at once; log each failure, never raise one.
+
+    Returns how many roles got credentials. Requests for a role still being fetched join
+    the same exchange (single-flight), so a warm-up never doubles STS calls.
+    """
+    results = await asyncio.gather(*(broker.get(role) for role in roles), return_exceptions=True)
+    fetched = 0
+    for role, result in zip(roles, results, strict=True):
+        if not isinstance(result, BaseException):
+            fetched += 1
+        elif isinstance(result, CredentialsUnavailable):
+            logger.warning(
+                "stscreds: warm-up got no credentials for %s (%s); requests will try again",
+                role.arn,
+                result.code or type(result).__name__,
+            )
+        else:
+            # Only the type: an unexpected error's message is not known to be free of secrets.
+            logger.warning("stscreds: warm-up failed for %s: %s", role.arn, type(result).__name__)
+    logger.info("stscreds: warm-up fetched credentials for %d of %d roles", fetched, len(roles))
+    return fetched
+
+
+def warm_up_roles(roles: Iterable[Role]) -> tuple[Role, ...]:
+    """``roles`` as a tuple, or ValueError naming the first item that is not a Role."""
+    checked = tuple(roles)
+    for role in checked:
+        if not isinstance(role, Role):
+            raise ValueError(f"warm_up: every item must be a Role, got {type(role).__name__}")
+    return checked
+
+
+def is_django_asgi(app: object) -> bool:
+    """True for Django's ASGIHandler (or a subclass), checked without importing Django."""
+    return any(
+        cls.__name__ == "ASGIHandler" and cls.__module__ == "django.core.handlers.asgi"
+        for cls in type(app).__mro__
+    )
+
+
 class CredentialsMiddleware:
     """Resolves each request's Role and puts its Credentials in ``scope["state"][state_key]``.
 
     Also answers the issuer's ``/.well-known/openid-configuration`` and ``jwks.json``.
+
+    ``warm_up`` roles are fetched in a background task once the app has started (lifespan),
+    so start-up never waits on STS; failures are logged, never fatal. ``lifespan``: "auto"
+    answers the lifespan protocol itself for Django's ASGIHandler (which cannot) and forwards
+    it to any other app; "on" always answers it; "pass" always forwards it.
     """
 
     def __init__(
@@ -59,6 +107,8 @@ class CredentialsMiddleware:
         on_error: ErrorHandler | None = None,
         serve_oidc: bool = True,
         oidc_max_age: int = 300,
+        warm_up: Iterable[Role] = (),
+        lifespan: Lifespan = "auto",
     ) -> None:
         if not isinstance(broker, CredentialBroker):
             raise TypeError("broker: must be a CredentialBroker")
@@ -69,15 +119,21 @@ class CredentialsMiddleware:
         if isinstance(oidc_max_age, bool) or not isinstance(oidc_max_age, int) or oidc_max_age < 1:
             # AWS refuses a JWKS served with no-cache; a zero max-age amounts to the same.
             raise ValueError("oidc_max_age: must be a positive number of seconds")
+        if lifespan not in ("auto", "on", "pass"):
+            raise ValueError('lifespan: must be "auto", "on" or "pass"')
         self.app = app
         self.broker = broker
         self.resolve_role = resolve_role
         self.state_key = state_key
         self.on_error = on_error
+        self.warm_up = warm_up_roles(warm_up)
+        self._answer_lifespan = lifespan == "on" or (lifespan == "auto" and is_django_asgi(app))
+        self._warm_up_task: asyncio.Task[int] | None = None
         self._resolve_is_async = inspect.iscoroutinefunction(
             resolve_role
         ) or inspect.iscoroutinefunction(getattr(resolve_role, "__call__", None))  # noqa: B004
-        base = urlsplit(broker.issuer).path.rstrip("/")
+        # Servers hand the app a decoded path; the issuer URL may be percent-encoded.
+        base = unquote(urlsplit(broker.issuer).path).rstrip("/")
         self._documents: dict[str, tuple[bytes, list[tuple[bytes, bytes]]]] = {}
         if serve_oidc:
             for path, document in (
@@ -93,26 +149,76 @@ class CredentialsMiddleware:
                 await self._serve_document(scope, send)
                 return
         elif kind != "websocket":
+            if kind == "lifespan":
+                await self._lifespan(scope, receive, send)
+                return
             await self.app(scope, receive, send)
             return
         role = self.resolve_role(scope)
         if self._resolve_is_async:
             role = await role  # type: ignore[misc]
+        elif role is not None and role.__class__ is not Role and inspect.isawaitable(role):
+            # A plain function (a partial, a lambda) that returns a coroutine.
+            role = await role
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
         if role is None:
             state[self.state_key] = None
         else:
-            credentials = self.broker.get_cached(role)  # type: ignore[arg-type]
+            credentials = self.broker.get_cached(role)
             if credentials is None:
                 try:
-                    credentials = await self.broker.fetch(role)  # type: ignore[arg-type]
+                    credentials = await self.broker.fetch(role)
                 except CredentialsUnavailable as error:
                     await self._fail(scope, receive, send, error)
                     return
             state[self.state_key] = credentials
         await self.app(scope, receive, send)
+
+    async def wait_warm_up(self) -> None:
+        """Wait until the start-up warm-up has finished (at once if none has started)."""
+        if self._warm_up_task is not None:
+            await asyncio.wait([self._warm_up_task])
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._answer_lifespan:
+            if not self.warm_up:
+                await self.app(scope, receive, send)
+                return
+
+            async def send_and_warm_up(message: Message) -> None:
+                # The app has run its own start-up (its clients, its stores): warm up now.
+                if message["type"] == "lifespan.startup.complete":
+                    self._start_warm_up()
+                elif message["type"].startswith("lifespan.shutdown."):
+                    self._stop_warm_up()
+                await send(message)
+
+            await self.app(scope, receive, send_and_warm_up)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self._start_warm_up()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self._stop_warm_up()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _start_warm_up(self) -> None:
+        if self.warm_up and self._warm_up_task is None:
+            # A background task, so start-up never waits on STS (each exchange is bounded by
+            # the broker's deadline); requests arriving meanwhile join its exchanges.
+            self._warm_up_task = asyncio.get_running_loop().create_task(
+                run_warm_up(self.broker, self.warm_up)
+            )
+
+    def _stop_warm_up(self) -> None:
+        task, self._warm_up_task = self._warm_up_task, None
+        if task is not None:
+            task.cancel()
 
     async def _fail(
         self, scope: Scope, receive: Receive, send: Send, error: CredentialsUnavailable
@@ -155,7 +261,7 @@ class CredentialsMiddleware:
         etag = headers[-1][1]
         status = 200
         for name, value in scope.get("headers", ()):
-            if name == b"if-none-match" and etag in value:
+            if name == b"if-none-match" and (etag in value or value.strip() == b"*"):
                 status, body = 304, b""
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -100,6 +102,8 @@ class CredentialBroker:
         self._keys: dict[Role, str] = {}
         self._keys_max = cache_size * 2
         self.stats = BrokerStats()
+        # gunicorn --preload and multiprocessing fork a process that already made a broker.
+        os.register_at_fork(after_in_child=partial(_reset_in_child, weakref.ref(self)))
         # The lease must outlive one whole exchange, or a slow holder loses it mid-call.
         self._shared = (
             None
@@ -231,6 +235,14 @@ class CredentialBroker:
         self._cache.pop(key, None)
         self._failures.pop(key, None)
 
+    def _after_fork(self) -> None:
+        # The parent's in-flight tasks belong to a loop that never runs in this process;
+        # cached credentials stay, they are valid in any process.
+        self._inflight.clear()
+        self._exchanger.reset_after_fork()
+        if self._shared is not None:
+            self._shared.reset_after_fork()
+
     def _start(self, key: str, role: Role) -> asyncio.Task[Credentials]:
         task = asyncio.get_running_loop().create_task(self._refresh(key, role))
         self._inflight[key] = task
@@ -331,3 +343,9 @@ class CredentialBroker:
             f"CredentialBroker(issuer={self.issuer!r}, sts_endpoint_url={self.sts_endpoint_url!r}, "
             f"cached={len(self._cache)})"
         )
+
+
+def _reset_in_child(ref: weakref.ref[CredentialBroker]) -> None:
+    broker = ref()
+    if broker is not None:
+        broker._after_fork()

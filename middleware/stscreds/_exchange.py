@@ -198,6 +198,14 @@ class StsExchanger:
     def _call(self, params: dict[str, Any]) -> dict[str, Any]:
         return self._client.assume_role_with_web_identity(**params)  # type: ignore[no-any-return]
 
+    def reset_after_fork(self) -> None:
+        """In a forked child: a new thread pool (the parent's threads do not exist here) and
+        no shared HTTP connections (closing this process's copies; botocore reconnects)."""
+        self._pool = ThreadPoolExecutor(
+            max_workers=self._pool._max_workers, thread_name_prefix="stscreds-sts"
+        )
+        self._client.close()
+
     def close(self) -> None:
         """Release the thread pool and the HTTP connections."""
         self._pool.shutdown(wait=False, cancel_futures=True)

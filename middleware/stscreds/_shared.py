@@ -233,6 +233,13 @@ class SharedTier:
             logger.warning("stscreds: shared store is back")
         return result
 
+    def reset_after_fork(self) -> None:
+        """In a forked child: let the store drop connections tied to the parent's loop."""
+        self._open_until = 0.0
+        reset = getattr(self.store, "reset_after_fork", None)
+        if callable(reset):
+            reset()
+
     async def aclose(self) -> None:
         """Close the store; a store that fails to close is logged, never raised (shutdown)."""
         try:

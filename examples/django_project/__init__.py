@@ -1,0 +1,1 @@
+"""A Django project using stscreds under ASGI (asgi.py) and WSGI (wsgi.py); see settings.py."""

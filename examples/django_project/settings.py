@@ -1,0 +1,51 @@
+"""Django settings for the stscreds example; configuration comes from the environment.
+
+| variable              | default                               | meaning                          |
+|-----------------------|---------------------------------------|----------------------------------|
+| STSCREDS_DJANGO_DB    | <temp dir>/stscreds-django-example.db | the SQLite database file         |
+| STSCREDS_S3_ENDPOINT  | (none: AWS S3)                        | S3 endpoint override             |
+| STSCREDS_WARM_UP      | (none)                                | role ARNs for start-up (a,b,c)   |
+
+and those of examples/settings.py: STSCREDS_ISSUER, STSCREDS_KEY_FILE, STSCREDS_STS_ENDPOINT,
+STSCREDS_REGION.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+from examples.settings import signing_key
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "stscreds-example-only-not-a-secret")
+DEBUG = False
+ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+INSTALLED_APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "examples.django_project.tenants",
+]
+# The example authenticates with an X-User header in resolve_role (see roles.py), so it
+# needs no session, CSRF or auth middleware.
+MIDDLEWARE: list[str] = []
+ROOT_URLCONF = "examples.django_project.urls"
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": os.environ.get("STSCREDS_DJANGO_DB")
+        or str(Path(tempfile.gettempdir()) / "stscreds-django-example.db"),
+    }
+}
+USE_TZ = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+STSCREDS = {
+    "ISSUER": os.environ.get("STSCREDS_ISSUER", "http://127.0.0.1:8000"),
+    # A key from STSCREDS_KEY_FILE (python -m stscreds keygen), else a throwaway one.
+    "KEYS": [signing_key()],
+    "STS_ENDPOINT_URL": os.environ.get("STSCREDS_STS_ENDPOINT") or None,
+    "REGION": os.environ.get("STSCREDS_REGION", "us-east-1"),
+    # The subject (sub claim) of every token: trust policies can require it.
+    "DEFAULT_SUBJECT": "django-example",
+    "WARM_UP": [arn for arn in os.environ.get("STSCREDS_WARM_UP", "").split(",") if arn],
+}
+S3_ENDPOINT_URL = os.environ.get("STSCREDS_S3_ENDPOINT") or None

@@ -1,0 +1,1 @@
+"""Which IAM role each user's requests get: one TenantRole row per user."""

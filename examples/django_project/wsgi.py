@@ -1,0 +1,13 @@
+"""WSGI entry point: ``gunicorn --threads 8 examples.django_project.wsgi:application``."""
+
+import os
+
+from django.core.wsgi import get_wsgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "examples.django_project.settings")
+django_application = get_wsgi_application()  # sets Django up: models import after this
+
+from examples.django_project.roles import resolve_role_wsgi  # noqa: E402
+from stscreds.django import wsgi_application  # noqa: E402
+
+application = wsgi_application(django_application, resolve_role=resolve_role_wsgi)

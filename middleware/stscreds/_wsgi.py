@@ -1,0 +1,302 @@
+"""CredentialsWSGIMiddleware: WSGI (Flask, Django); puts each request's credentials in the environ.
+
+A cache hit is served in the request's own thread (``broker.peek``). Anything else runs on one
+event loop owned by the middleware, on a daemon thread started on first use, so the broker's
+single-flight covers every WSGI thread: N threads asking for one cold identity make one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import inspect
+import json
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable, Coroutine, Iterable
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import unquote_to_bytes, urlsplit
+
+from ._asgi import RETRY_AFTER, _static_json, error_body, run_warm_up, warm_up_roles
+from ._broker import CredentialBroker
+from ._credentials import Credentials
+from ._errors import CredentialsUnavailable, STSUnavailable
+from ._roles import Role
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+    WSGIRoleResolver = Callable[[WSGIEnvironment], Role | None]
+    WSGIErrorHandler = Callable[[WSGIEnvironment, CredentialsUnavailable], WSGIApplication | None]
+
+__all__ = ["CredentialsWSGIMiddleware"]
+
+T = TypeVar("T")
+
+logger = logging.getLogger("stscreds")
+
+
+class CredentialsWSGIMiddleware:
+    """Resolves each request's Role and puts its Credentials in ``environ[environ_key]``.
+
+    ``resolve_role(environ)`` is a plain function returning a Role, or None for a request that
+    needs no credentials. Failures answer 502/503 with the same JSON body as the ASGI
+    middleware, unless ``on_error(environ, error)`` returns a WSGI app (a Flask or Werkzeug
+    Response is one) to answer instead. Also serves the issuer's OIDC documents.
+
+    ``warm_up`` roles are fetched in the background as soon as the middleware is made
+    (``wait_warm_up`` waits for them); failures are logged, never fatal. ``timeout`` bounds
+    how long a request thread waits for credentials (the broker's own deadline normally ends
+    a slow exchange first). Safe across ``fork`` (gunicorn ``--preload``): a child starts its
+    own event loop and keeps the parent's cached credentials.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        *,
+        broker: CredentialBroker,
+        resolve_role: WSGIRoleResolver,
+        environ_key: str = "stscreds.credentials",
+        on_error: WSGIErrorHandler | None = None,
+        warm_up: Iterable[Role] = (),
+        timeout: float = 30.0,
+        serve_oidc: bool = True,
+        oidc_max_age: int = 300,
+    ) -> None:
+        if not isinstance(broker, CredentialBroker):
+            raise TypeError("broker: must be a CredentialBroker")
+        if not callable(resolve_role):
+            raise TypeError("resolve_role: must be callable")
+        if inspect.iscoroutinefunction(resolve_role):
+            raise TypeError("resolve_role: must be a plain function under WSGI, not async")
+        if not isinstance(environ_key, str) or not environ_key:
+            raise ValueError("environ_key: must be a non-empty string")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise ValueError("timeout: must be a positive number of seconds")
+        if isinstance(oidc_max_age, bool) or not isinstance(oidc_max_age, int) or oidc_max_age < 1:
+            # AWS refuses a JWKS served with no-cache; a zero max-age amounts to the same.
+            raise ValueError("oidc_max_age: must be a positive number of seconds")
+        self.app = app
+        self.broker = broker
+        self.resolve_role = resolve_role
+        self.environ_key = environ_key
+        self.on_error = on_error
+        self.timeout = float(timeout)
+        self.warm_up = warm_up_roles(warm_up)
+        self._loop = _LoopThread("stscreds-wsgi")
+        # WSGI paths are decoded bytes as latin-1 text: match the issuer's path the same way
+        # (an issuer path may be percent-encoded, e.g. /t%C3%A9nant).
+        base = unquote_to_bytes(urlsplit(broker.issuer).path.rstrip("/")).decode("latin-1")
+        self._documents: dict[str, tuple[bytes, list[tuple[str, str]]]] = {}
+        if serve_oidc:
+            for path, document in (
+                (f"{base}/.well-known/openid-configuration", broker.openid_configuration()),
+                (f"{base}/.well-known/jwks.json", broker.jwks()),
+            ):
+                body, headers = _static_json(document, oidc_max_age)
+                self._documents[path] = (body, [(k.decode(), v.decode()) for k, v in headers])
+        self._warm_up: concurrent.futures.Future[int] | None = None
+        if self.warm_up:
+            self._warm_up = self._loop.submit(run_warm_up, broker, self.warm_up)
+        _MIDDLEWARES.add(self)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if self._documents:
+            path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+            if path in self._documents:
+                return self._serve_document(path, environ, start_response)
+        role = self.resolve_role(environ)
+        if role is None:
+            environ[self.environ_key] = None
+        else:
+            credentials = self.broker.peek(role)
+            if credentials is None:
+                try:
+                    credentials = self.get(role)
+                except CredentialsUnavailable as error:
+                    return self._fail(environ, start_response, error)
+            environ[self.environ_key] = credentials
+        return self.app(environ, start_response)
+
+    def get(self, role: Role) -> Credentials:
+        """Credentials for ``role`` from any thread: cached, or from the one shared exchange.
+
+        Blocks the calling thread (never call it on an event loop) for at most ``timeout``
+        seconds. Raises CredentialsRejected or STSUnavailable.
+        """
+        credentials = self.broker.peek(role)
+        if credentials is not None:
+            return credentials
+        try:
+            future = self._loop.submit(self.broker.get, role)
+        except RuntimeError:
+            raise STSUnavailable(
+                "stscreds: the WSGI middleware is closed", role_arn=role.arn
+            ) from None
+        try:
+            return future.result(self.timeout)
+        except concurrent.futures.TimeoutError:
+            # Cancels only this wait: the shared exchange goes on for the others.
+            future.cancel()
+            logger.warning(
+                "stscreds: gave up waiting for credentials for %s after %gs", role.arn, self.timeout
+            )
+            raise STSUnavailable(
+                f"no credentials within {self.timeout:g}s", role_arn=role.arn
+            ) from None
+        except concurrent.futures.CancelledError:
+            raise STSUnavailable(
+                "stscreds: the WSGI middleware closed", role_arn=role.arn
+            ) from None
+
+    def wait_warm_up(self, timeout: float | None = None) -> bool:
+        """Wait for the warm-up to finish; True once it has (or if there is none).
+
+        Under gunicorn ``--preload`` this lets every worker start with a warm cache.
+        """
+        if self._warm_up is None:
+            return True
+        concurrent.futures.wait([self._warm_up], timeout)
+        return self._warm_up.done()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the middleware's event loop thread (also done at interpreter exit).
+
+        Requests that miss the cache afterwards answer 503; the broker is left open.
+        """
+        self._loop.close(timeout)
+
+    def _fail(
+        self,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+        error: CredentialsUnavailable,
+    ) -> Iterable[bytes]:
+        if self.on_error is not None:
+            response = self.on_error(environ, error)
+            if response is not None:
+                return response(environ, start_response)
+        body = json.dumps(error_body(error)).encode()
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+        ]
+        if error.status_code == 503:
+            headers.append(("Retry-After", str(RETRY_AFTER)))
+        start_response(_status_line(error.status_code), headers)
+        return [body]
+
+    def _serve_document(
+        self, path: str, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        body, headers = self._documents[path]
+        method = environ.get("REQUEST_METHOD")
+        if method not in ("GET", "HEAD"):
+            start_response(_status_line(405), [("Allow", "GET, HEAD"), ("Content-Length", "0")])
+            return [b""]
+        etag = headers[-1][1]
+        if_none_match = environ.get("HTTP_IF_NONE_MATCH", "")
+        # RFC 9110: "*" matches any current representation, as does our own ETag.
+        if if_none_match.strip() == "*" or etag in if_none_match:
+            start_response(_status_line(304), headers)
+            return [b""]
+        start_response(_status_line(200), headers)
+        return [b"" if method == "HEAD" else body]
+
+    def _after_fork_in_child(self) -> None:
+        self._loop.after_fork_in_child()
+        if self._warm_up is not None and not self._warm_up.done():
+            # The parent's loop will never finish it here; the child keeps what was cached.
+            self._warm_up = concurrent.futures.Future()
+            self._warm_up.set_result(0)
+
+
+def _status_line(status: int) -> str:
+    return f"{status} {HTTPStatus(status).phrase}"
+
+
+class _LoopThread:
+    """An event loop on a daemon thread: started on first use, stopped by close() or at exit,
+    and started afresh in a forked child (the parent's thread does not exist there)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def submit(
+        self, function: Callable[..., Coroutine[Any, Any, T]], *args: Any
+    ) -> concurrent.futures.Future[T]:
+        """Run ``function(*args)`` on the loop; RuntimeError once closed."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("closed")
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(
+                    target=self._run, args=(self._loop,), name=self.name, daemon=True
+                )
+                self._thread.start()
+            # The coroutine is made only once it is sure to be scheduled (never "not awaited").
+            return asyncio.run_coroutine_threadsafe(function(*args), self._loop)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the loop: pending work is cancelled, the thread joined (up to ``timeout``)."""
+        with self._lock:
+            self._closed = True
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+            if loop is not None:
+                loop.call_soon_threadsafe(loop.stop)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def after_fork_in_child(self) -> None:
+        """Forget the parent's loop and thread; the next submit starts new ones."""
+        # The parent's lock may have been held by a thread that does not exist here.
+        self._lock = threading.Lock()
+        if self._loop is not None:
+            # That loop can be neither used nor closed here (it "runs" on a thread that does
+            # not exist); kept referenced so its finalizer never warns about it.
+            _ORPHANED_LOOPS.append(self._loop)
+        self._loop = self._thread = None
+
+    @staticmethod
+    def _run(loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+
+_MIDDLEWARES: weakref.WeakSet[CredentialsWSGIMiddleware] = weakref.WeakSet()
+_ORPHANED_LOOPS: list[asyncio.AbstractEventLoop] = []
+
+
+def _after_fork_in_child() -> None:
+    for middleware in list(_MIDDLEWARES):
+        middleware._after_fork_in_child()
+
+
+def _close_at_exit() -> None:
+    for middleware in list(_MIDDLEWARES):
+        middleware.close(timeout=1.0)
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only; there is no fork elsewhere
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_at_exit)
