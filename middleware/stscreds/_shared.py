@@ -121,19 +121,17 @@ class SharedTier:
                 try:
                     # Someone may have put between our read and our lease.
                     found = await self._read(key, newer_than)
-                    if found is not None:
-                        return found
-                    try:
-                        credentials = await exchange()
-                    except BaseException:
-                        # Wake the waiters so one of them tries at once instead of waiting
-                        # out its slice for a value that will not come.
-                        await self._call(self.store.notify, key)
-                        raise
-                    await self._write(key, credentials, lifetime)
-                    return credentials, lifetime
-                finally:
+                    if found is None:
+                        found = (await exchange(), lifetime)
+                        await self._write(key, *found)
+                except BaseException:
+                    # Release before waking the waiters, so the one that wakes first can take
+                    # the lease at once instead of waiting out its slice.
                     await self._call(self.store.release, key, owner)
+                    await self._call(self.store.notify, key)
+                    raise
+                await self._call(self.store.release, key, owner)
+                return found
             remaining = give_up_at - loop.time()
             if remaining <= 0:
                 logger.warning("stscreds: gave up waiting for another worker's exchange")
