@@ -13,8 +13,8 @@ from stscreds._cache import (
     MAX_RETRY_DELAY,
     MIN_RETRY_DELAY,
     CacheEntry,
+    L1Cache,
     advisory_window,
-    new_cache,
     plan_entry,
     retry_delay,
 )
@@ -169,20 +169,34 @@ def test_retry_delay_floor_wins_when_time_is_short() -> None:
     assert retry_delay(1, NOW, NOW, rng=random.Random(0)) == MIN_RETRY_DELAY
 
 
-# -- new_cache -----------------------------------------------------------------------------
+# -- L1Cache -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "10", None])
-def test_new_cache_validates_size(bad: object) -> None:
+def test_l1_cache_validates_size(bad: object) -> None:
     with pytest.raises(ValueError, match="cache_size"):
-        new_cache(bad)  # type: ignore[arg-type]
+        L1Cache(bad)  # type: ignore[arg-type]
 
 
-def test_new_cache_is_bounded_lru() -> None:
-    cache = new_cache(2)
-    c = creds(NOW + 3600)
-    for key in ("a", "b"):
-        cache[key] = plan_entry(c, NOW, rng=random.Random(0))
-    assert cache.get("a") is not None  # touch "a": "b" is now least recently used
-    cache["c"] = plan_entry(c, NOW, rng=random.Random(0))
+def entry() -> CacheEntry:
+    return plan_entry(creds(NOW + 3600), NOW, rng=random.Random(0))
+
+
+def test_l1_cache_is_bounded_and_evicts_the_entry_refreshed_longest_ago() -> None:
+    cache = L1Cache(2)
+    cache["a"], cache["b"] = entry(), entry()
+    cache["a"] = entry()  # a refresh re-inserts "a": "b" is now the oldest
+    cache["c"] = entry()
     assert set(cache) == {"a", "c"}
+    assert set(cache.entries) == {"a", "c"}
+
+
+def test_l1_cache_view_follows_every_removal() -> None:
+    cache = L1Cache(3)
+    cache["a"], cache["b"], cache["c"] = entry(), entry(), entry()
+    assert cache.entries["b"] is cache["b"]
+    del cache["a"]
+    cache.pop("b")
+    assert dict(cache.entries) == {"c": cache["c"]}
+    cache.clear()
+    assert cache.entries == {} and len(cache) == 0

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from cachetools import Cache, LRUCache
+from cachetools import LRUCache
 
-from ._cache import MANDATORY_WINDOW, Failure, new_cache, plan_entry, retry_delay
+from ._cache import MANDATORY_WINDOW, Failure, L1Cache, plan_entry, retry_delay
 from ._clock import Clock, SystemClock
 from ._credentials import Credentials
 from ._errors import CredentialsRejected, CredentialsUnavailable, STSUnavailable
@@ -84,7 +84,10 @@ class CredentialBroker:
         low, high = negative_ttl
         if not 0 <= low <= high:
             raise ValueError("negative_ttl: must be (low, high) with 0 <= low <= high")
-        self._cache = new_cache(cache_size)
+        self._cache = L1Cache(cache_size)
+        # The hit path reads these directly: a plain dict and a bound method, no Python calls.
+        self._entries = self._cache.entries
+        self._now = self._clock.time
         self._exchanger = StsExchanger(
             region=region,
             endpoint_url=sts_endpoint_url,
@@ -98,8 +101,9 @@ class CredentialBroker:
         self._negative_ttl = (low, high)
         self._failures: LRUCache[str, Failure] = LRUCache(maxsize=cache_size)
         self._inflight: dict[str, asyncio.Task[Credentials]] = {}
-        # Role -> identity key, so a hit does not re-encode and re-hash the identity.
-        self._keys: dict[Role, str] = {}
+        # Role's canonical encoding -> identity key, so a hit neither re-encodes the identity
+        # nor calls Role.__hash__ (Python code); a str caches its own hash.
+        self._keys: dict[str, str] = {}
         self._keys_max = cache_size * 2
         self.stats = BrokerStats()
         # gunicorn --preload and multiprocessing fork a process that already made a broker.
@@ -147,7 +151,7 @@ class CredentialBroker:
 
     def identity_key(self, role: Role) -> str:
         """The digest naming the identity ``role`` resolves to under this broker."""
-        key = self._keys.get(role)
+        key = self._keys.get(role._canonical)
         if key is None:
             key = identity_key(
                 role,
@@ -159,20 +163,20 @@ class CredentialBroker:
             )
             if len(self._keys) >= self._keys_max:
                 self._keys.clear()
-            self._keys[role] = key
+            self._keys[role._canonical] = key
         return key
 
     def get_cached(self, role: Role) -> Credentials | None:
         """Cached credentials for ``role`` if usable now, else None; never waits or raises.
 
         In the advisory window it starts the one background refresh (needs a running loop).
-        This is the whole cache-hit path: a dict lookup, an LRU touch, a time comparison.
+        This is the whole cache-hit path: two dict lookups and a time comparison.
         """
-        key = self._keys.get(role) or self.identity_key(role)
-        entry = self._cache.get(key)
+        key = self._keys.get(role._canonical) or self.identity_key(role)
+        entry = self._entries.get(key)
         if entry is None:
             return None
-        now = self._clock.time()
+        now = self._now()
         if now < entry.refresh_at:
             self.stats.hits += 1
             return entry.credentials
@@ -188,16 +192,11 @@ class CredentialBroker:
     def peek(self, role: Role) -> Credentials | None:
         """Cached credentials for ``role`` if no refresh is due yet, else None.
 
-        Safe to call from any thread (it only reads; it neither touches LRU order nor starts
-        work), so a WSGI worker thread can serve a hit without a hop to the broker's loop.
+        Safe to call from any thread (plain dict reads; it starts no work), so a WSGI worker
+        thread can serve a hit without a hop to the broker's loop.
         """
-        key = self._keys.get(role) or self.identity_key(role)
-        try:
-            # The base Cache lookup: a plain read, without LRUCache's reordering.
-            entry = Cache.__getitem__(self._cache, key)
-        except KeyError:
-            return None
-        if self._clock.time() < entry.refresh_at:
+        entry = self._entries.get(self._keys.get(role._canonical) or self.identity_key(role))
+        if entry is not None and self._now() < entry.refresh_at:
             self.stats.hits += 1
             return entry.credentials
         return None
@@ -219,7 +218,7 @@ class CredentialBroker:
         self.stats.misses += 1
         failure = self._failures.get(key)
         if failure is not None:
-            if self._clock.time() < failure.until:
+            if self._now() < failure.until:
                 self.stats.negative_hits += 1
                 raise failure.error._copy()
             del self._failures[key]
@@ -272,7 +271,7 @@ class CredentialBroker:
         except CredentialsUnavailable as error:
             self._record_failure(key, role, error)
             raise
-        self._cache[key] = plan_entry(credentials, self._clock.time(), lifetime=lifetime)
+        self._cache[key] = plan_entry(credentials, self._now(), lifetime=lifetime)
         self._failures.pop(key, None)
         return credentials
 
@@ -288,7 +287,7 @@ class CredentialBroker:
         credentials = await self._exchanger.exchange(
             request, partial(self._minter.mint, subject, role.claims)
         )
-        if credentials.seconds_left(self._clock.time()) <= MANDATORY_WINDOW:
+        if credentials.seconds_left(self._now()) <= MANDATORY_WINDOW:
             raise STSUnavailable(
                 "STS returned credentials that expire within 60 s (check the clock)",
                 role_arn=role.arn,
@@ -297,7 +296,7 @@ class CredentialBroker:
 
     def _record_failure(self, key: str, role: Role, error: CredentialsUnavailable) -> None:
         self.stats.exchange_failures += 1
-        now = self._clock.time()
+        now = self._now()
         if isinstance(error, CredentialsRejected):
             low, high = self._negative_ttl
             self._failures[key] = Failure(error, now + random.uniform(low, high))  # noqa: S311

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
-from cachetools import LRUCache
+from cachetools import FIFOCache
 
 from ._credentials import Credentials
 from ._errors import CredentialsUnavailable
@@ -13,6 +14,7 @@ __all__ = [
     "MANDATORY_WINDOW",
     "CacheEntry",
     "Failure",
+    "L1Cache",
     "advisory_window",
     "plan_entry",
     "retry_delay",
@@ -103,8 +105,30 @@ class Failure:
         self.until = until
 
 
-def new_cache(maxsize: int) -> LRUCache[str, CacheEntry]:
-    """A bounded LRU map of identity key to entry (expiry is checked by the broker)."""
-    if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
-        raise ValueError("cache_size: must be an integer >= 1")
-    return LRUCache(maxsize=maxsize)
+class L1Cache(FIFOCache[str, CacheEntry]):
+    """Bounded map of identity key to entry; ``entries`` is a plain dict view for lookups.
+
+    Hits read ``entries`` directly (one dict lookup, safe from any thread) and do not reorder
+    anything: eviction is by insertion, and every refresh re-inserts, so what goes first is the
+    entry refreshed longest ago - in practice an identity nobody asked for since.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise ValueError("cache_size: must be an integer >= 1")
+        super().__init__(maxsize=maxsize)
+        self.entries: dict[str, CacheEntry] = {}
+
+    def __setitem__(self, key: str, value: CacheEntry, *args: Any) -> None:
+        super().__setitem__(key, value, *args)
+        self.entries[key] = value
+
+    def __delitem__(self, key: str, *args: Any) -> None:
+        # popitem (eviction) and pop both come through here.
+        super().__delitem__(key, *args)
+        del self.entries[key]
+
+    def clear(self) -> None:
+        """Remove every entry."""
+        super().clear()
+        self.entries.clear()
