@@ -123,6 +123,7 @@ class CredentialsMiddleware:
             raise ValueError('lifespan: must be "auto", "on" or "pass"')
         self.app = app
         self.broker = broker
+        self._get_cached = broker.get_cached  # bound once: the hit path is every request
         self.resolve_role = resolve_role
         self.state_key = state_key
         self.on_error = on_error
@@ -166,7 +167,7 @@ class CredentialsMiddleware:
         if role is None:
             state[self.state_key] = None
         else:
-            credentials = self.broker.get_cached(role)
+            credentials = self._get_cached(role)
             if credentials is None:
                 try:
                     credentials = await self.broker.fetch(role)
