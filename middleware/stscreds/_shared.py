@@ -118,6 +118,9 @@ class SharedTier:
                 break
             if won:
                 self.stats.leases += 1
+                # Extends the lease while this worker exchanges, so a slow exchange (throttling,
+                # retries) keeps it; a dead worker stops extending and its lease runs out.
+                keeper = loop.create_task(self._keep_lease(key, owner))
                 try:
                     # Someone may have put between our read and our lease.
                     found = await self._read(key, newer_than)
@@ -125,11 +128,13 @@ class SharedTier:
                         found = (await exchange(), lifetime)
                         await self._write(key, *found)
                 except BaseException:
+                    keeper.cancel()
                     # Release before waking the waiters, so the one that wakes first can take
                     # the lease at once instead of waiting out its slice.
                     await self._call(self.store.release, key, owner)
                     await self._call(self.store.notify, key)
                     raise
+                keeper.cancel()
                 await self._call(self.store.release, key, owner)
                 return found
             remaining = give_up_at - loop.time()
@@ -145,6 +150,12 @@ class SharedTier:
         credentials = await exchange()
         await self._write(key, credentials, lifetime)
         return credentials, lifetime
+
+    async def _keep_lease(self, key: str, owner: str) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ttl / 3)
+            if await self._call(self.store.extend, key, owner, self.lease_ttl) is not True:
+                return
 
     async def _read(self, key: str, newer_than: float | None) -> tuple[Credentials, float] | None:
         value = await self._call(self.store.get, key)

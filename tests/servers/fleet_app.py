@@ -2,7 +2,7 @@
 
 FLEET_ISSUER, FLEET_KEY_FILE, FLEET_STS (endpoint URL), FLEET_STORE (none|redis|sqlite),
 FLEET_STORE_URL (redis URL or SQLite path), FLEET_STORE_KEY (base64 encryption key),
-FLEET_LEASE_TTL, FLEET_STORE_COOLDOWN, FLEET_DEADLINE (exchange deadline).
+FLEET_LEASE_TTL, FLEET_STORE_COOLDOWN, FLEET_STORE_TIMEOUT, FLEET_DEADLINE (exchange deadline).
 
 GET /creds?tenant=NAME  -> {"pid", "access_key_id", "expiration"}
 GET /stats              -> broker and store counters of this process
@@ -59,6 +59,7 @@ broker = CredentialBroker(
     store=make_store(),
     lease_ttl=float(os.environ.get("FLEET_LEASE_TTL", "15")),
     store_cooldown=float(os.environ.get("FLEET_STORE_COOLDOWN", "5")),
+    store_timeout=float(os.environ.get("FLEET_STORE_TIMEOUT", "0.25")),
     exchange_deadline=float(os.environ.get("FLEET_DEADLINE", "10")),
     clock=clock,
 )
