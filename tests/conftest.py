@@ -1,14 +1,19 @@
-"""Shared fixtures: a strict test STS and moto's STS, both on loopback with free ports."""
+"""Shared fixtures: real servers on loopback with free ports (STS, Redis, WSGI, uvicorn)."""
 
 import pathlib
+import socket
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 # tests/ is a rootdir without a package; make tests/servers importable as ``servers``.
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
+from servers.redis import RedisServer, find_redis_server
 from servers.sts import StrictSTS
 
 
@@ -37,10 +42,6 @@ def moto_sts() -> Iterator[str]:
         server.stop()
 
 
-# Imported here, not at the top, so that the Redis fixtures stay one appended block.
-from servers.redis import RedisServer, find_redis_server  # noqa: E402
-
-
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """A real redis-server on 127.0.0.1 (free port) for the session; ``.stop()``/``.start()``."""
@@ -61,14 +62,6 @@ def redis_url(redis_server: RedisServer) -> str:
     redis_server.start()  # a no-op unless an earlier test left it stopped
     redis_server.flushall()
     return redis_server.url
-
-
-# Real HTTP servers for the framework tests (WSGI threads, uvicorn), one appended block.
-import socket  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
 
 
 @pytest.fixture
