@@ -939,7 +939,7 @@ async def test_slow_store_costs_at_most_the_store_timeout(
     credentials = await broker.get(Role(ROLE))
     elapsed = time.monotonic() - started
     assert isinstance(credentials, Credentials)
-    assert elapsed < 2.0
+    assert elapsed < 2.0  # at most the first-contact allowance (1 s), not the store's 5 s
     assert strict_sts.calls == 1
     assert broker.store_stats is not None and broker.store_stats.errors == 1
 

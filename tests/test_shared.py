@@ -1002,5 +1002,39 @@ async def test_slow_store_costs_one_timeout_then_is_skipped(clock: FakeClock) ->
         await asyncio.wait_for(
             tier.obtain(f"{n:064x}", exchange, lifetime=3600.0, newer_than=None), 5.0
         )
+    # The first call may take the first-contact allowance (1 s), later ones are skipped.
     assert loop.time() - started < 2.0
     assert exchange.calls == 5 and tier.stats.errors == 1
+
+
+async def test_first_contact_may_take_longer_than_the_op_timeout(clock: FakeClock) -> None:
+    # A cold start opens connections while a burst makes the loop lag: the first operations
+    # get 1 s, so a store that is merely slow to connect does not trip the breaker.
+    class SlowToConnect(MemoryStore):
+        connected = False
+
+        async def get(self, key: str) -> bytes | None:
+            if not self.connected:
+                await asyncio.sleep(0.3)  # stands for a connection set-up, not for moving time
+                self.connected = True
+            return await super().get(key)
+
+    backend = SlowToConnect(encryption_keys=[generate_key()], clock=clock)
+    tier = make_tier(backend, clock, op_timeout=0.05)
+    exchange = Exchange(clock)
+    await tier.obtain(f"{1:064x}", exchange, lifetime=3600.0, newer_than=None)
+    assert tier.stats.errors == 0 and exchange.calls == 1
+
+    class Hanging(MemoryStore):
+        async def get(self, key: str) -> bytes | None:
+            await asyncio.Event().wait()
+            return None
+
+    # Once contacted, the op timeout applies: a later hang costs about 0.05 s, not 1 s.
+    tier.store = Hanging(encryption_keys=[generate_key()], clock=clock)
+    tier.store.cipher = backend.cipher
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await tier.obtain(f"{2:064x}", exchange, lifetime=3600.0, newer_than=None)
+    assert loop.time() - started < 0.9
+    assert tier.stats.errors == 1

@@ -26,6 +26,10 @@ __all__ = ["SharedTier", "StoreStats"]
 logger = logging.getLogger("stscreds")
 
 T = TypeVar("T")
+# The first operations on a store also open its connections, at a cold start, which is when
+# a burst of requests arrives and the loop lags: they get this long at least. Only once, so a
+# store that hangs from the start costs one such wait per process, then the breaker opens.
+_FIRST_CONTACT_TIMEOUT = 1.0
 # Credentials read from the store need this much more than the mandatory window left, so a
 # value is not handed out only to enter the mandatory window a moment later.
 _READ_MARGIN = 5.0
@@ -89,6 +93,7 @@ class SharedTier:
         self.wait_slice = wait_slice
         self._open_until = 0.0
         self._outage = False
+        self._contacted = False
         self.stats = StoreStats()
 
     async def obtain(
@@ -219,24 +224,19 @@ class SharedTier:
         loop = asyncio.get_running_loop()
         if loop.time() < self._open_until:
             return _FAILED
+        if timeout is None:
+            timeout = (
+                self.op_timeout if self._contacted else max(self.op_timeout, _FIRST_CONTACT_TIMEOUT)
+            )
         try:
-            result = await asyncio.wait_for(method(*args), timeout or self.op_timeout)
+            result = await asyncio.wait_for(method(*args), timeout)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # any store failure means: go on without it
-            self.stats.errors += 1
-            self._open_until = loop.time() + self.breaker_cooldown
-            if not self._outage:
-                self._outage = True
-                self.stats.outages += 1
-                # The type only: a backend's message may quote a value or a password.
-                logger.warning(
-                    "stscreds: shared store unavailable (%s); using STS directly, "
-                    "retrying the store in %.0fs",
-                    type(error).__name__,
-                    self.breaker_cooldown,
-                )
+            self._contacted = True
+            self._trip(loop, error)
             return _FAILED
+        self._contacted = True
         if self._outage:
             self._outage = False
             logger.warning("stscreds: shared store is back")
@@ -245,9 +245,24 @@ class SharedTier:
     def reset_after_fork(self) -> None:
         """In a forked child: let the store drop connections tied to the parent's loop."""
         self._open_until = 0.0
+        self._contacted = False
         reset = getattr(self.store, "reset_after_fork", None)
         if callable(reset):
             reset()
+
+    def _trip(self, loop: asyncio.AbstractEventLoop, error: Exception) -> None:
+        self.stats.errors += 1
+        self._open_until = loop.time() + self.breaker_cooldown
+        if not self._outage:
+            self._outage = True
+            self.stats.outages += 1
+            # The type only: a backend's message may quote a value or a password.
+            logger.warning(
+                "stscreds: shared store unavailable (%s); using STS directly, "
+                "retrying the store in %.0fs",
+                type(error).__name__,
+                self.breaker_cooldown,
+            )
 
     async def aclose(self) -> None:
         """Close the store; a store that fails to close is logged, never raised (shutdown)."""

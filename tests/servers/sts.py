@@ -492,6 +492,9 @@ class _Server(ThreadingHTTPServer):
     # Non-daemon handler threads so server_close() joins them: no thread outlives stop().
     daemon_threads = False
     block_on_close = True
+    # A burst of exchanges connects at once; the default backlog (5) makes the kernel drop
+    # connection attempts, which the client retries a second later.
+    request_queue_size = 128
     sts: StrictSTS
 
     def process_request(self, request: Any, client_address: Any) -> None:
