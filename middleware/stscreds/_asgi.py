@@ -156,13 +156,13 @@ class CredentialsMiddleware:
             await self.app(scope, receive, send)
             return
         role = self.resolve_role(scope)
-        if self._resolve_is_async:
-            role = await role  # type: ignore[misc]
-        elif role is not None and role.__class__ is not Role and inspect.isawaitable(role):
-            # A plain function (a partial, a lambda) that returns a coroutine.
-            role = await role
-        state = scope.get("state")
-        if state is None:
+        if role.__class__ is not Role and role is not None:
+            if self._resolve_is_async or inspect.isawaitable(role):
+                # An async resolver, or a plain function (a partial) returning a coroutine.
+                role = await role  # type: ignore[misc]
+        try:
+            state = scope["state"]
+        except KeyError:
             state = scope["state"] = {}
         if role is None:
             state[self.state_key] = None
