@@ -57,7 +57,7 @@ class CredentialsWSGIMiddleware:
 
     def __init__(
         self,
-        app: WSGIApplication,
+        wsgi_app: WSGIApplication,
         *,
         broker: CredentialBroker,
         resolve_role: WSGIRoleResolver,
@@ -81,7 +81,7 @@ class CredentialsWSGIMiddleware:
         if isinstance(oidc_max_age, bool) or not isinstance(oidc_max_age, int) or oidc_max_age < 1:
             # AWS refuses a JWKS served with no-cache; a zero max-age amounts to the same.
             raise ValueError("oidc_max_age: must be a positive number of seconds")
-        self.app = app
+        self.app = wsgi_app
         self.broker = broker
         self.resolve_role = resolve_role
         self.environ_key = environ_key
