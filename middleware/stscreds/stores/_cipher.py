@@ -83,7 +83,9 @@ class StoreCipher:
     def open(self, key: str, value: bytes) -> bytes | None:
         """The plaintext of ``value`` stored under ``key``, or None if it does not open."""
         if value[:1] == _PLAIN:
-            return value[1:] if self.allow_plaintext else None
+            # Plaintext is unauthenticated: with keys configured, anyone who can write to the
+            # store could plant credentials that way. Only a keyless store reads it.
+            return value[1:] if self.allow_plaintext and not self._ring else None
         if value[:1] != _SEALED or len(value) < 1 + _KEY_ID_LEN + _NONCE_LEN + 16:
             return None
         key_id = value[1 : 1 + _KEY_ID_LEN]
