@@ -37,8 +37,15 @@ from redis.asyncio import Redis as AsyncRedis
 from servers.fleet import Fleet, Response, Worker
 from servers.redis import RedisServer
 from servers.sts import RecordedCall, StrictSTS
-from stscreds import CredentialBroker, Credentials, Role, SigningKey
-from stscreds._shared import SharedTier, _encode
+from stscreds import (
+    CredentialBroker,
+    Credentials,
+    CredentialsRejected,
+    Role,
+    SigningKey,
+    STSUnavailable,
+)
+from stscreds._shared import SharedTier, _encode, _failure_key
 from stscreds.stores import MemoryStore, RedisStore, generate_key
 
 ACCOUNT = "123456789012"
@@ -768,13 +775,10 @@ async def test_dead_holders_lease_is_taken_over_once_it_expires(
 async def test_a_holder_still_exchanging_keeps_its_lease(clock: FakeClock) -> None:
     """A lease must not run out under a live holder whose exchange is merely slow.
 
-    STS slowness is what the lease exists for (throttling retries run up to the exchange
-    deadline), and ``lease_ttl`` is public: set below the exchange time (say, for a fast
-    take-over after a crash), today the lease expires mid-exchange, a waiter takes over and
-    calls STS too. The protocol has ``extend`` for this, but SharedTier never calls it.
-    Fix: while exchanging, extend the lease every ``lease_ttl / 3`` (a dead holder stops
-    extending, so its lease still runs out within ``lease_ttl``). Real time here: the
-    lease is held in a MemoryStore on the monotonic clock, the heartbeat runs on the loop.
+    ``lease_ttl`` is public and may be set below the exchange time (for a fast take-over
+    after a crash): the holder extends its lease every ``lease_ttl / 3`` while it exchanges
+    (a dead holder stops extending, so its lease still runs out). Real time here: the lease
+    is held in a MemoryStore on the monotonic clock, the heartbeat runs on the loop.
     """
     store = MemoryStore(encryption_keys=[generate_key()])
     lease_ttl = 0.5
@@ -1038,3 +1042,144 @@ async def test_first_contact_may_take_longer_than_the_op_timeout(clock: FakeCloc
     await tier.obtain(f"{2:064x}", exchange, lifetime=3600.0, newer_than=None)
     assert loop.time() - started < 0.9
     assert tier.stats.errors == 1
+
+
+class Flaky(MemoryStore):
+    """A MemoryStore whose chosen operation misbehaves once: it fails, or answers late."""
+
+    def __init__(self, *, fail: str = "", late: str = "", delay: float = 0.0) -> None:
+        super().__init__(encryption_keys=[generate_key()])
+        self.fail, self.late, self.delay = fail, late, delay
+        self.calls: dict[str, int] = {}
+
+    async def _once(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if name == self.fail and self.calls[name] == 1:
+            raise ConnectionError("blip")
+
+    async def acquire(self, key: str, owner: str, ttl: float) -> bool:
+        await self._once("acquire")
+        granted = await super().acquire(key, owner, ttl)
+        if self.late == "acquire" and self.calls["acquire"] == 1:
+            await asyncio.sleep(self.delay)  # the store granted it; the reply is late
+        return granted
+
+    async def put(self, key: str, value: bytes, ttl: float) -> None:
+        await self._once("put")
+        await super().put(key, value, ttl)
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (STSUnavailable("STS did not answer", code=None), STSUnavailable),
+        (STSUnavailable("Rate exceeded", code="Throttling"), STSUnavailable),
+        (CredentialsRejected("Not authorized", code="AccessDenied"), CredentialsRejected),
+    ],
+)
+async def test_waiters_take_the_holders_failure_instead_of_repeating_it(
+    store: MemoryStore, clock: FakeClock, error: Exception, kind: type[Exception]
+) -> None:
+    # Without this, during an STS outage each worker takes the lease in turn and waits out
+    # its own deadline: N workers, N serial exchanges, the last request waiting N deadlines.
+    holder_exchange = Exchange(clock)
+    holder_exchange.gate, holder_exchange.error = asyncio.Event(), error
+    holder = make_tier(store, clock, wait_slice=30.0)
+    waiters = [make_tier(store, clock, wait_slice=30.0) for _ in range(3)]
+    waiter_exchange = Exchange(clock)
+    failing = asyncio.create_task(
+        holder.obtain(KEY, holder_exchange, lifetime=3600.0, newer_than=None)
+    )
+    await eventually(lambda: holder_exchange.calls == 1)
+    waiting = [
+        asyncio.create_task(w.obtain(KEY, waiter_exchange, lifetime=3600.0, newer_than=None))
+        for w in waiters
+    ]
+    await eventually(lambda: all(w.stats.waits == 1 for w in waiters))
+    holder_exchange.gate.set()
+    results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5.0)
+    with pytest.raises(kind):
+        await failing
+    assert waiter_exchange.calls == 0
+    assert all(type(r) is kind and r.code == error.code for r in results)  # type: ignore[attr-defined]
+    # Remembered only briefly: once it has expired, a new caller exchanges again.
+    clock.advance(10.0)
+    got, _ = await make_tier(store, clock).obtain(
+        KEY, waiter_exchange, lifetime=3600.0, newer_than=None
+    )
+    assert waiter_exchange.calls == 1 and got.access_key_id == "ASIA00000000000000X1"
+
+
+async def test_the_failure_marker_reveals_nothing_and_is_bound_to_its_identity(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    exchange = Exchange(clock)
+    exchange.error = CredentialsRejected("Not authorized for tenant-acme", code="AccessDenied")
+    with pytest.raises(CredentialsRejected):
+        await make_tier(store, clock).obtain(KEY, exchange, lifetime=3600.0, newer_than=None)
+    [(marker_key, (value, _))] = [(k, v) for k, v in store._values.items() if k != KEY]
+    assert re.fullmatch(r"[0-9a-f]{64}", marker_key) and marker_key != KEY
+    assert b"tenant-acme" not in value and b"AccessDenied" not in value
+    # Copied under another identity's marker key, it does not open there.
+    other = "b" * 64
+    store._values[_failure_key(other)] = store._values[marker_key]
+    tier = make_tier(store, clock)
+    await tier._raise_remembered_failure(other)  # no error: the marker is not for `other`
+
+
+async def test_a_late_acquire_reply_gives_the_lease_back(clock: FakeClock) -> None:
+    # The store granted worker A's lease but answered after A's timeout: A goes to STS on its
+    # own; without giving the lease back, worker B would wait out lease_ttl (30 s here).
+    store = Flaky(late="acquire", delay=0.3)
+    a = make_tier(store, clock, op_timeout=0.05, lease_ttl=30.0, wait_slice=0.05)
+    b = make_tier(store, clock, op_timeout=0.05, lease_ttl=30.0, wait_slice=0.05)
+    for tier in (a, b):
+        tier._contacted = True  # past the first-contact allowance
+    exchange = Exchange(clock)
+    await a.obtain(KEY, exchange, lifetime=3600.0, newer_than=None)
+    assert a.stats.errors == 1  # the late acquire counted as a failure
+    await eventually(lambda: store._leases == {})  # given back in the background
+    started = asyncio.get_running_loop().time()
+    await b.obtain("c" * 64, exchange, lifetime=3600.0, newer_than=None)
+    assert asyncio.get_running_loop().time() - started < 5.0
+
+
+async def test_a_failed_put_still_releases_and_wakes_the_waiters(clock: FakeClock) -> None:
+    # The holder's put fails once and opens its breaker; release and notify must still reach
+    # the store, or the waiter sleeps out its slice (30 s) and then the lease_ttl.
+    store = Flaky(fail="put")
+    holder = make_tier(store, clock, wait_slice=30.0, lease_ttl=30.0)
+    waiter = make_tier(store, clock, wait_slice=30.0, lease_ttl=30.0)
+    exchange = Exchange(clock)
+    exchange.gate = asyncio.Event()
+    holding = asyncio.create_task(holder.obtain(KEY, exchange, lifetime=3600.0, newer_than=None))
+    await eventually(lambda: exchange.calls == 1)
+    waiting = asyncio.create_task(waiter.obtain(KEY, exchange, lifetime=3600.0, newer_than=None))
+    await eventually(lambda: waiter.stats.waits == 1)
+    exchange.gate.set()
+    await asyncio.wait_for(holding, 5.0)
+    assert holder.stats.errors == 1 and store._leases == {}
+    await asyncio.wait_for(waiting, 5.0)  # woken, took the free lease, exchanged itself
+    assert exchange.calls == 2
+
+
+async def test_a_half_open_breaker_lets_one_call_probe_the_store(clock: FakeClock) -> None:
+    class Hanging(MemoryStore):
+        gets = 0
+
+        async def get(self, key: str) -> bytes | None:
+            Hanging.gets += 1
+            await asyncio.Event().wait()
+            return None
+
+    tier = make_tier(
+        Hanging(encryption_keys=[generate_key()]), clock, op_timeout=0.05, breaker_cooldown=0.05
+    )
+    tier._contacted = True
+    assert await tier._read(KEY, None) is None  # fails, opens the breaker
+    assert Hanging.gets == 1
+    loop = asyncio.get_running_loop()
+    reopens = tier._open_until
+    await eventually(lambda: loop.time() >= reopens)
+    await asyncio.gather(*(tier._read(f"{n:064x}", None) for n in range(20)))
+    assert Hanging.gets == 2  # one probe, not twenty timeouts

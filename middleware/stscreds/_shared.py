@@ -9,16 +9,20 @@ and the outage is logged once, not once per request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import logging
+import random
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from ._cache import MANDATORY_WINDOW
 from ._clock import Clock
 from ._credentials import Credentials
+from ._errors import CredentialsRejected, CredentialsUnavailable, STSUnavailable
 from .stores import CredentialStore
 
 __all__ = ["SharedTier", "StoreStats"]
@@ -30,6 +34,9 @@ T = TypeVar("T")
 # a burst of requests arrives and the loop lags: they get this long at least. Only once, so a
 # store that hangs from the start costs one such wait per process, then the breaker opens.
 _FIRST_CONTACT_TIMEOUT = 1.0
+# How long (seconds, random in range) the fleet remembers a failed exchange: (transient,
+# rejected). Short: it only has to stop the waiters from repeating the failure one by one.
+_FAILURE_TTL = {False: (0.5, 2.0), True: (1.0, 5.0)}
 # Credentials read from the store need this much more than the mandatory window left, so a
 # value is not handed out only to enter the mandatory window a moment later.
 _READ_MARGIN = 5.0
@@ -39,7 +46,12 @@ class _Failed:
     """Marks a store call that failed, timed out or was skipped by the open breaker."""
 
 
+class _Skipped(_Failed):
+    """Marks a store call the open breaker skipped: the store never saw it."""
+
+
 _FAILED = _Failed()
+_SKIPPED = _Skipped()
 
 
 class StoreStats:
@@ -93,7 +105,9 @@ class SharedTier:
         self.wait_slice = wait_slice
         self._open_until = 0.0
         self._outage = False
+        self._probing = False
         self._contacted = False
+        self._background: set[asyncio.Task[Any]] = set()
         self.stats = StoreStats()
 
     async def obtain(
@@ -114,39 +128,29 @@ class SharedTier:
         # one more exchange: wait that long for the fleet before going to STS alone.
         give_up_at = loop.time() + 2 * self.lease_ttl
         owner = secrets.token_hex(16)
+        waited = False
         while True:
             found = await self._read(key, newer_than)
             if found is not None:
                 return found
+            if waited:
+                # The holder we waited for may have failed: its error, not our own STS call.
+                await self._raise_remembered_failure(key)
             won = await self._call(self.store.acquire, key, owner, self.lease_ttl)
             if isinstance(won, _Failed):
+                if not isinstance(won, _Skipped):
+                    # The store may have granted it after our timeout: give it back, or the
+                    # fleet waits out a lease nobody holds.
+                    self._detach(self._call(self.store.release, key, owner, force=True))
                 break
             if won:
-                self.stats.leases += 1
-                # Extends the lease while this worker exchanges, so a slow exchange (throttling,
-                # retries) keeps it; a dead worker stops extending and its lease runs out.
-                keeper = loop.create_task(self._keep_lease(key, owner))
-                try:
-                    # Someone may have put between our read and our lease.
-                    found = await self._read(key, newer_than)
-                    if found is None:
-                        found = (await exchange(), lifetime)
-                        await self._write(key, *found)
-                except BaseException:
-                    keeper.cancel()
-                    # Release before waking the waiters, so the one that wakes first can take
-                    # the lease at once instead of waiting out its slice.
-                    await self._call(self.store.release, key, owner)
-                    await self._call(self.store.notify, key)
-                    raise
-                keeper.cancel()
-                await self._call(self.store.release, key, owner)
-                return found
+                return await self._exchange_under_lease(key, owner, exchange, lifetime, newer_than)
             remaining = give_up_at - loop.time()
             if remaining <= 0:
                 logger.warning("stscreds: gave up waiting for another worker's exchange")
                 break
             self.stats.waits += 1
+            waited = True
             slice_ = min(remaining, self.wait_slice)
             if isinstance(
                 await self._call(self.store.wait, key, slice_, timeout=slice_ + 1), _Failed
@@ -155,6 +159,81 @@ class SharedTier:
         credentials = await exchange()
         await self._write(key, credentials, lifetime)
         return credentials, lifetime
+
+    async def _exchange_under_lease(
+        self,
+        key: str,
+        owner: str,
+        exchange: Callable[[], Awaitable[Credentials]],
+        lifetime: float,
+        newer_than: float | None,
+    ) -> tuple[Credentials, float]:
+        self.stats.leases += 1
+        # Extends the lease while this worker exchanges, so a slow exchange (throttling,
+        # retries) keeps it; a dead worker stops extending and its lease runs out.
+        keeper = asyncio.get_running_loop().create_task(self._keep_lease(key, owner))
+        try:
+            # Someone may have put between our read and our lease.
+            found = await self._read(key, newer_than)
+            shared = True
+            if found is None:
+                found = (await exchange(), lifetime)
+                shared = await self._write(key, *found, force=True)
+        except BaseException as error:
+            await _stop(keeper)
+            if isinstance(error, CredentialsUnavailable):
+                await self._remember_failure(key, error)
+            # Release before waking the waiters, so the one that wakes first can take the
+            # lease at once instead of waiting out its slice. Forced: an open breaker must
+            # not leave the fleet waiting for a lease nobody holds.
+            await self._call(self.store.release, key, owner, force=True)
+            await self._call(self.store.notify, key, force=True)
+            raise
+        await _stop(keeper)
+        await self._call(self.store.release, key, owner, force=True)
+        if not shared:
+            # Nothing to read: wake the waiters so one takes the free lease now.
+            await self._call(self.store.notify, key, force=True)
+        return found
+
+    async def _remember_failure(self, key: str, error: CredentialsUnavailable) -> None:
+        # The waiters read this instead of each repeating the failed exchange in turn.
+        low, high = _FAILURE_TTL[isinstance(error, CredentialsRejected)]
+        marker = json.dumps(
+            {
+                "k": key,
+                "r": isinstance(error, CredentialsRejected),
+                "c": error.code,
+                "m": error.message,
+            }
+        ).encode()
+        failure_key = _failure_key(key)
+        value = self.store.cipher.seal(failure_key, marker)
+        ttl = random.uniform(low, high)  # noqa: S311 - spreads retries, not a secret
+        await self._call(self.store.put, failure_key, value, ttl, force=True)
+
+    async def _raise_remembered_failure(self, key: str) -> None:
+        failure_key = _failure_key(key)
+        value = await self._call(self.store.get, failure_key)
+        if not isinstance(value, bytes):
+            return
+        plaintext = self.store.cipher.open(failure_key, value)
+        if plaintext is None:
+            return
+        try:
+            data = json.loads(plaintext)
+            if data["k"] != key:
+                return
+            kind = CredentialsRejected if data["r"] else STSUnavailable
+            error = kind(str(data["m"]), code=data["c"] if isinstance(data["c"], str) else None)
+        except (ValueError, KeyError, TypeError):
+            return
+        raise error
+
+    def _detach(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _keep_lease(self, key: str, owner: str) -> None:
         while True:
@@ -180,13 +259,18 @@ class SharedTier:
         self.stats.hits += 1
         return credentials, lifetime
 
-    async def _write(self, key: str, credentials: Credentials, lifetime: float) -> None:
+    async def _write(
+        self, key: str, credentials: Credentials, lifetime: float, *, force: bool = False
+    ) -> bool:
+        """Put and announce the credentials; False if the put did not happen."""
         ttl = credentials.seconds_left(self._clock.time()) - MANDATORY_WINDOW
         if ttl <= 0:
-            return
+            return False
         value = self.store.cipher.seal(key, _encode(key, credentials, lifetime))
-        if not isinstance(await self._call(self.store.put, key, value, ttl), _Failed):
-            await self._call(self.store.notify, key)
+        if isinstance(await self._call(self.store.put, key, value, ttl, force=force), _Failed):
+            return False
+        await self._call(self.store.notify, key, force=force)
+        return True
 
     def _decode(self, key: str, value: Any) -> tuple[Credentials, float] | None:
         if not isinstance(value, bytes):
@@ -219,11 +303,28 @@ class SharedTier:
         return credentials, lifetime
 
     async def _call(
-        self, method: Callable[..., Awaitable[T]], *args: Any, timeout: float | None = None
+        self,
+        method: Callable[..., Awaitable[T]],
+        *args: Any,
+        timeout: float | None = None,
+        force: bool = False,
     ) -> T | _Failed:
+        """Run one store operation with a timeout; ``_FAILED`` on any error.
+
+        While the breaker is open calls are skipped, except ``force``d ones (releasing a lease,
+        waking waiters, sharing fresh credentials: cheap, and costly to leave undone). When it
+        half-opens, one call probes the store while the others keep skipping it.
+        """
         loop = asyncio.get_running_loop()
-        if loop.time() < self._open_until:
-            return _FAILED
+        if not force:
+            if loop.time() < self._open_until or self._probing:
+                return _SKIPPED
+            if self._outage:
+                self._probing = True
+                try:
+                    return await self._call(method, *args, timeout=timeout, force=True)
+                finally:
+                    self._probing = False
         if timeout is None:
             timeout = (
                 self.op_timeout if self._contacted else max(self.op_timeout, _FIRST_CONTACT_TIMEOUT)
@@ -245,7 +346,10 @@ class SharedTier:
     def reset_after_fork(self) -> None:
         """In a forked child: let the store drop connections tied to the parent's loop."""
         self._open_until = 0.0
+        self._outage = False
+        self._probing = False
         self._contacted = False
+        self._background = set()
         reset = getattr(self.store, "reset_after_fork", None)
         if callable(reset):
             reset()
@@ -272,6 +376,17 @@ class SharedTier:
             raise
         except Exception as error:  # the protocol allows any error; shutdown must go on
             logger.warning("stscreds: closing the shared store failed (%s)", type(error).__name__)
+
+
+def _failure_key(key: str) -> str:
+    # A digest again, so the marker's key name reveals nothing either.
+    return hashlib.sha256(b"stscreds/failure|" + key.encode()).hexdigest()
+
+
+async def _stop(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _encode(key: str, credentials: Credentials, lifetime: float) -> bytes:
