@@ -156,10 +156,13 @@ class CredentialsMiddleware:
             await self.app(scope, receive, send)
             return
         role = self.resolve_role(scope)
-        if role.__class__ is not Role and role is not None:
-            if self._resolve_is_async or inspect.isawaitable(role):
-                # An async resolver, or a plain function (a partial) returning a coroutine.
-                role = await role  # type: ignore[misc]
+        if (
+            role.__class__ is not Role
+            and role is not None
+            and (self._resolve_is_async or inspect.isawaitable(role))
+        ):
+            # An async resolver, or a plain function (a partial) returning a coroutine.
+            role = await role  # type: ignore[misc]
         try:
             state = scope["state"]
         except KeyError:
