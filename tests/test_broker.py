@@ -342,10 +342,11 @@ async def test_exchange_completes_when_every_caller_is_cancelled(
 async def test_failed_exchange_with_every_caller_cancelled_is_not_an_unretrieved_error(
     make_broker: Callable[..., CredentialBroker],
     strict_sts: StrictSTS,
+    clock: FakeClock,
     loop_errors: list[dict[str, Any]],
     recwarn: pytest.WarningsRecorder,
 ) -> None:
-    broker = make_broker(max_attempts=1)
+    broker = make_broker(clock=clock, max_attempts=1)
     role = Role(ROLE)
     strict_sts.hang = True
     strict_sts.fail_next(1, "ServiceUnavailable", 503, "down")
@@ -362,7 +363,8 @@ async def test_failed_exchange_with_every_caller_cancelled_is_not_an_unretrieved
     gc.collect()
     assert loop_errors == []
     assert len(recwarn) == 0
-    # Transient: nothing remembered, the next get goes to STS again and succeeds.
+    # Transient: remembered only briefly; past that the next get goes to STS and succeeds.
+    clock.advance(2.01)
     assert await broker.get(role) is not None
     assert strict_sts.calls == 2
 
@@ -428,7 +430,8 @@ async def test_refresh_windows_for_a_one_hour_session(
 async def test_credentials_near_expiry_are_never_handed_out(
     make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
 ) -> None:
-    broker = make_broker(clock=clock, max_attempts=1)
+    # Nothing remembered between the steps below: each get must reach STS.
+    broker = make_broker(clock=clock, max_attempts=1, transient_negative_ttl=(0.0, 0.0))
     role = Role(ROLE)
     first = await broker.get(role)
     expires = first.expiration.timestamp()
@@ -555,7 +558,7 @@ async def test_repeated_refresh_failures_back_off_exponentially(
         assert low <= delay <= high
 
 
-async def test_failure_in_mandatory_window_raises_and_is_not_remembered(
+async def test_failure_in_mandatory_window_raises_and_is_remembered_briefly(
     make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
 ) -> None:
     broker = make_broker(clock=clock, max_attempts=1)
@@ -566,7 +569,12 @@ async def test_failure_in_mandatory_window_raises_and_is_not_remembered(
     with pytest.raises(STSUnavailable) as info:
         await broker.get(role)
     assert info.value.code == "ServiceUnavailable"
-    # Transient errors are not negatively cached: the very next get tries again.
+    # Transient errors are remembered for transient_negative_ttl (0.5-2 s), then retried.
+    clock.advance(0.25)
+    with pytest.raises(STSUnavailable):
+        await broker.get(role)
+    assert strict_sts.calls == 2
+    clock.advance(1.75)
     fresh = await broker.get(role)
     assert fresh is not first
     assert fresh.seconds_left(clock.time()) == 3600
@@ -663,16 +671,224 @@ async def test_transient_errors_are_retried_inside_the_exchange(
     assert broker.stats.exchanges == 1
 
 
-async def test_unavailable_is_not_negatively_cached(
+async def test_unavailable_is_negatively_cached_briefly(
     make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
 ) -> None:
     broker = make_broker(clock=clock, max_attempts=1)
     strict_sts.fail_next(1, "ServiceUnavailable", 503, "down")
-    with pytest.raises(STSUnavailable):
+    with pytest.raises(STSUnavailable) as first:
         await broker.get(Role(ROLE))
-    assert broker._failures.currsize == 0
-    assert isinstance(await broker.get(Role(ROLE)), Credentials)  # same instant, no TTL
+    assert broker._failures.currsize == 1
+    remembered = broker._failures[broker.identity_key(Role(ROLE))]
+    assert T0 + 0.5 <= remembered.until <= T0 + 2.0
+    # A copy without a traceback (whose frames would keep the exchange's locals alive).
+    assert remembered.error is not first.value
+    assert remembered.error.__traceback__ is None
+    # The same instant: the remembered error, a fresh copy, no STS call.
+    with pytest.raises(STSUnavailable) as again:
+        await broker.get(Role(ROLE))
+    assert again.value.code == "ServiceUnavailable"
+    assert again.value is not first.value
+    assert strict_sts.calls == 1
+    assert broker.stats.negative_hits == 1
+    clock.advance(2.01)  # past the transient TTL's high bound
+    assert isinstance(await broker.get(Role(ROLE)), Credentials)
     assert strict_sts.calls == 2
+    assert broker._failures.currsize == 0
+
+
+async def test_constant_throttling_costs_max_attempts_per_transient_ttl(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    # The reviewer's storm: every request for an identity whose last exchange failed used to
+    # start a new (3-attempt) exchange at once.
+    broker = make_broker(clock=clock, max_attempts=3)
+    broker._exchanger.retry_base_delay = 0.01
+    role = Role(ROLE, subject="tenant-1")
+    strict_sts.fail_always("Throttling", 400, "Rate exceeded")
+    results = await asyncio.gather(
+        *(broker.get(Role(ROLE, subject="tenant-1")) for _ in range(50)), return_exceptions=True
+    )
+    assert all(isinstance(r, STSUnavailable) and r.code == "Throttling" for r in results)
+    assert strict_sts.calls == 3  # one exchange, its max_attempts
+    for _ in range(50):
+        clock.advance(0.009)  # 0.45 s in all: inside the transient TTL's low bound
+        with pytest.raises(STSUnavailable) as info:
+            await broker.get(role)
+        assert info.value.code == "Throttling"
+    assert strict_sts.calls == 3
+    assert broker.stats.exchanges == 1
+    assert broker.stats.negative_hits == 50
+
+    clock.advance(2.0)  # past the transient TTL's high bound: one new exchange
+    with pytest.raises(STSUnavailable):
+        await broker.get(role)
+    assert strict_sts.calls == 6
+    assert broker.stats.exchanges == 2
+
+
+@pytest.mark.parametrize("ttl", [(-1.0, 1.0), (2.0, 1.0)])
+async def test_transient_negative_ttl_is_validated(
+    make_broker: Callable[..., CredentialBroker], ttl: tuple[float, float]
+) -> None:
+    with pytest.raises(ValueError, match="transient_negative_ttl"):
+        make_broker(transient_negative_ttl=ttl)
+
+
+async def test_clock_skew_is_remembered_for_30s_with_one_error_line(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="stscreds")
+    broker = make_broker(clock=clock, max_attempts=1)
+    # An STS whose clock is 870 s behind ours: 15 minute credentials have 30 s left for us.
+    strict_sts.clock = lambda: clock.time() - 870
+    strict_sts.leeway = 4000
+    role = Role(ROLE, duration_seconds=900)
+    other = Role(ROLE, subject="other", duration_seconds=900)
+    for _ in range(100):
+        clock.advance(0.25)  # 25 s in all: below the period's low bound (27 s)
+        for r in (role, other):
+            with pytest.raises(STSUnavailable, match="expire within 60 s"):
+                await broker.get(r)
+    assert strict_sts.calls == 2  # one per identity
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2
+    assert all("check the clock" in r.getMessage() for r in errors)
+    assert [r for r in caplog.records if r.levelno == logging.WARNING] == []
+
+    clock.advance(10.0)  # past the period's high bound (33 s): one more try, one more line
+    with pytest.raises(STSUnavailable):
+        await broker.get(role)
+    assert strict_sts.calls == 3
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 3
+
+    # Once the clocks agree, credentials flow after the period.
+    strict_sts.clock = clock.time
+    clock.advance(33.01)
+    assert isinstance(await broker.get(role), Credentials)
+    assert strict_sts.calls == 4
+
+
+async def test_clock_skew_in_a_background_refresh_logs_once_per_period(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="stscreds")
+    broker = make_broker(clock=clock, max_attempts=1)
+    role = Role(ROLE, duration_seconds=43200)
+    first = await broker.get(role)
+    entry = broker._cache[broker.identity_key(role)]
+    clock.set(entry.refresh_at)
+    strict_sts.clock = lambda: clock.time() - 43170  # 12 h credentials, 30 s left for us
+    strict_sts.leeway = 50000
+    started = clock.time()
+    refreshes = 0
+    while clock.time() < started + 26:
+        assert await broker.get(role) is first  # still valid for hours: served throughout
+        if broker._inflight:
+            refreshes += 1
+            await asyncio.wait(list(broker._inflight.values()))
+        clock.advance(0.5)
+    # The next background try waits out the period (not the usual 5-10 s backoff).
+    assert refreshes == 1
+    assert strict_sts.calls == 2
+    assert entry.retry_at >= started + 27
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and errors[0].levelno == logging.ERROR
+
+
+async def test_negative_cache_keeps_a_copy_without_the_exchanges_frames(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock)
+    strict_sts.reject_roles.add(ROLE)
+    with pytest.raises(CredentialsRejected) as info:
+        await broker.get(Role(ROLE))
+    assert info.value.__traceback__ is not None
+    (failure,) = broker._failures.values()
+    assert failure.error is not info.value
+    assert failure.error.__traceback__ is None
+    assert failure.error.__context__ is None and failure.error.__cause__ is None
+    assert (failure.error.code, failure.error.message) == (info.value.code, info.value.message)
+
+
+# -- closing -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["close", "aclose"])
+async def test_cache_misses_after_close_raise_sts_unavailable(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, how: str
+) -> None:
+    broker = make_broker()
+    cached = await broker.get(Role(ROLE))
+    if how == "close":
+        broker.close()
+    else:
+        await broker.aclose()
+    with pytest.raises(STSUnavailable, match="credential broker is closed") as info:
+        await broker.get(Role(OTHER_ROLE))
+    assert info.value.role_arn == OTHER_ROLE
+    assert await broker.get(Role(ROLE)) is cached  # a hit is still a hit
+    assert strict_sts.calls == 1
+
+
+async def test_sync_close_fails_queued_exchanges_with_sts_unavailable(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    loop_errors: list[dict[str, Any]],
+) -> None:
+    broker = make_broker(max_workers=1)
+    strict_sts.hang = True
+    running = asyncio.create_task(broker.get(Role(OTHER_ROLE)))
+    await sts_has_calls(strict_sts, 1)  # the one pool thread is busy
+    queued = asyncio.create_task(broker.get(Role(ROLE)))
+    await wait_until(lambda: len(broker._inflight) == 2)
+    broker.close()  # cancels the pool's queued call
+    with pytest.raises(STSUnavailable, match="credential broker is closed"):
+        await queued
+    strict_sts.release()
+    await asyncio.gather(running, return_exceptions=True)
+    assert strict_sts.calls == 1
+
+
+async def test_unexpected_error_in_refresh_is_sts_unavailable_and_backs_off(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="stscreds")
+    broker = make_broker(clock=clock)
+    role = Role(ROLE)
+    first = await broker.get(role)
+    entry = broker._cache[broker.identity_key(role)]
+
+    async def buggy(*args: Any) -> Credentials:
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(broker._exchanger, "exchange", buggy)
+    # A background refresh: the bug is recorded like a failed exchange, with its backoff.
+    clock.set(entry.expires_at - 600)
+    assert await broker.get(role) is first
+    (refresh,) = broker._inflight.values()
+    await asyncio.wait([refresh])
+    error = refresh.exception()
+    assert isinstance(error, STSUnavailable) and "TypeError" in error.message
+    assert entry.failures == 1
+    assert entry.retry_at - clock.time() >= MIN_RETRY_DELAY
+    assert await broker.get(role) is first
+    assert broker._inflight == {}
+    assert any("unexpected TypeError" in r.getMessage() for r in caplog.records)
+    # A cold fetch: the caller gets STSUnavailable, never the raw TypeError.
+    with pytest.raises(STSUnavailable, match="TypeError"):
+        await broker.get(Role(OTHER_ROLE))
+    assert broker.stats.exchange_failures == 2
 
 
 # -- deadline and threads ------------------------------------------------------------------
@@ -864,6 +1080,43 @@ async def test_no_secret_in_logs_reprs_errors_or_stats(
     leaked = [s for s in secrets if s in haystack]
     assert leaked == []
     assert "<redacted>" in str(invalid.value)
+
+
+async def test_botocore_debug_logs_hold_no_token_or_credentials(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # DEBUG for every logger, botocore's included: it logs the request parameters (with the
+    # WebIdentityToken) and the raw response body (with SecretAccessKey and SessionToken).
+    caplog.set_level(logging.DEBUG)
+    broker = make_broker()  # the real clock: StrictSTS verifies the token's times itself
+    credentials = await broker.get(Role(ROLE, subject="alice"))
+    # A rejection whose message quotes the token, and a retried throttle.
+    quoted = token_of(strict_sts)
+    strict_sts.fail_next(1, "InvalidIdentityToken", 400, f"Bad token {quoted} for provider")
+    with pytest.raises(CredentialsRejected):
+        await broker.get(Role(ROLE, subject="bob"))
+    strict_sts.fail_next(1, "Throttling", 400, "Rate exceeded")
+    await broker.get(Role(ROLE, subject="carol"))
+
+    assert strict_sts.calls == 4
+    # The token botocore sent is the real one: StrictSTS verified it on every success.
+    assert [rec.claims is not None for rec in strict_sts.requests] == [True, False, False, True]
+    secrets: list[str] = [credentials.secret_access_key, credentials.session_token]
+    for rec in strict_sts.requests:
+        token = rec.params["WebIdentityToken"]
+        secrets += [token, *token.split(".")[1:]]
+        if rec.credentials:
+            secrets += [rec.credentials["SecretAccessKey"], rec.credentials["SessionToken"]]
+    messages = [record.getMessage() for record in caplog.records]
+    names = {record.name for record in caplog.records}
+    # Not vacuous: botocore's body-logging records were captured.
+    assert {"botocore.endpoint", "botocore.parsers"} <= names
+    assert any("WebIdentityToken" in m for m in messages)
+    assert any("<SecretAccessKey>" in m for m in messages)
+    haystack = "\n".join([*messages, caplog.text])
+    assert [s for s in secrets if s in haystack] == []
 
 
 # -- the shared store ----------------------------------------------------------------------

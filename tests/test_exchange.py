@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -24,8 +25,10 @@ from stscreds._exchange import (
     NON_RECOVERABLE_CODES,
     TRANSIENT_CODES,
     ExchangeRequest,
+    SecretsFilter,
     StsExchanger,
     classify_error,
+    redact_secrets,
 )
 from stscreds._signing import TokenMinter
 
@@ -481,3 +484,127 @@ async def test_deadline_covers_waiting_for_a_pool_thread(
         assert time.monotonic() - started < 0.5 + 1.0
     finally:
         sts.release()
+
+
+# -- secrets in botocore's DEBUG logs -------------------------------------------------------
+
+
+RESPONSE_BODY = (
+    b"<AssumeRoleWithWebIdentityResponse><AssumeRoleWithWebIdentityResult><Credentials>"
+    b"<AccessKeyId>ASIAEXAMPLE</AccessKeyId><SecretAccessKey>wJalr/K7MDENG+bPx</SecretAccessKey>"
+    b"<SessionToken>FwoGZXIvYXdz+long/token==</SessionToken></Credentials>"
+    b"<SubjectFromWebIdentityToken>user-1</SubjectFromWebIdentityToken>"
+    b"</AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>"
+)
+
+
+@pytest.mark.parametrize(
+    ("message", "args", "secrets", "kept"),
+    [
+        # botocore.parsers: "Response body:\n%r" of the raw bytes.
+        (
+            "Response body:\n%r",
+            (RESPONSE_BODY,),
+            ["wJalr/K7MDENG+bPx", "FwoGZXIvYXdz+long/token=="],
+            ["ASIAEXAMPLE", "<SubjectFromWebIdentityToken>user-1<"],
+        ),
+        # botocore.endpoint: the request dict, with a form-encoded body or a dict body.
+        (
+            "Making request with params: %r",
+            ({"body": f"Action=AssumeRoleWithWebIdentity&WebIdentityToken={JWT_LIKE}&X=1"},),
+            [JWT_LIKE, JWT_LIKE.split(".")[1]],
+            ["Action=AssumeRoleWithWebIdentity", "X=1"],
+        ),
+        (
+            "Making request with params: %r",
+            ({"body": {"WebIdentityToken": "not-a-jwt-but-secret", "RoleArn": ROLE}},),
+            ["not-a-jwt-but-secret"],
+            [ROLE],
+        ),
+        # An error body quoting the token.
+        (
+            "Response body:\n%r",
+            (f"<Message>Bad token {JWT_LIKE}</Message>".encode(),),
+            [JWT_LIKE.split(".")[1]],
+            ["Bad token"],
+        ),
+    ],
+)
+def test_secrets_filter_redacts_bodies(
+    message: str, args: tuple[Any, ...], secrets: list[str], kept: list[str]
+) -> None:
+    record = logging.LogRecord("botocore.parsers", logging.DEBUG, __file__, 1, message, args, None)
+    assert SecretsFilter().filter(record) is True
+    text = record.getMessage()
+    assert [s for s in secrets if s in text] == []
+    assert all(k in text for k in kept)
+    assert "<redacted>" in text
+
+
+def test_secrets_filter_leaves_other_records_alone() -> None:
+    args = ({"url": "http://127.0.0.1"}, 2)
+    record = logging.LogRecord("botocore.endpoint", logging.DEBUG, __file__, 1, "%r %d", args, None)
+    assert SecretsFilter().filter(record) is True
+    assert record.args is args and record.msg == "%r %d"
+
+
+def test_secrets_filter_is_installed_once_on_the_body_loggers() -> None:
+    StsExchanger(endpoint_url="http://127.0.0.1:9").close()
+    StsExchanger(endpoint_url="http://127.0.0.1:9").close()
+    for name in ("botocore.endpoint", "botocore.parsers"):
+        filters = [f for f in logging.getLogger(name).filters if isinstance(f, SecretsFilter)]
+        assert len(filters) == 1
+
+
+def test_redact_secrets_keeps_plain_text() -> None:
+    assert redact_secrets("nothing secret here") == "nothing secret here"
+
+
+# -- fork ----------------------------------------------------------------------------------
+
+
+async def test_reset_after_fork_leaves_the_old_client_alone_and_makes_a_new_one(
+    sts: StrictSTS, minter: TokenMinter, make_exchanger: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exchanger = make_exchanger(sts.url)
+    await exchanger.exchange(request(), lambda: minter.mint("user-1"))
+    old_client, old_pool = exchanger._client, exchanger._pool
+
+    def close_forbidden() -> None:
+        raise AssertionError("closing the client in the at-fork hook takes urllib3 locks")
+
+    # The at-fork hook must not touch the client: in a child, urllib3's pool lock may be held
+    # by a parent thread that does not exist there.
+    monkeypatch.setattr(old_client, "close", close_forbidden)
+    exchanger.reset_after_fork()
+    assert exchanger._client is None
+    assert exchanger._pool is not old_pool
+
+    credentials = await exchanger.exchange(request(), lambda: minter.mint("user-2"))
+    assert isinstance(credentials, Credentials)
+    assert exchanger._client is not None and exchanger._client is not old_client
+    assert exchanger._client.meta.endpoint_url == exchanger.endpoint_url == sts.url
+    assert exchanger._client.meta.config.retries["total_max_attempts"] == 1
+    assert sts.calls == 2
+    monkeypatch.undo()
+
+
+async def test_one_new_client_for_concurrent_calls_after_fork(
+    sts: StrictSTS, minter: TokenMinter, make_exchanger: Any
+) -> None:
+    exchanger = make_exchanger(sts.url, max_workers=8)
+    exchanger.reset_after_fork()
+    made: list[Any] = []
+    new_client = exchanger._new_client
+
+    def counting() -> Any:
+        made.append(new_client())
+        return made[-1]
+
+    exchanger._new_client = counting
+    sts.delay = 0.05
+    results = await asyncio.gather(
+        *(exchanger.exchange(request(), lambda: minter.mint("u")) for _ in range(8))
+    )
+    assert len(results) == 8 and sts.calls == 8
+    assert len(made) == 1

@@ -222,6 +222,64 @@ def test_non_finite_numbers_are_rejected_because_they_are_not_json(field: str, v
     assert_rejected(field, **{field: value})
 
 
+@pytest.mark.parametrize(
+    "policy",
+    [
+        pytest.param(
+            '{"Version":"2012-10-17","Statement":[],"Statement":[{"Effect":"Allow"}]}',
+            id="top-level",
+        ),
+        pytest.param(
+            '{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Effect":"Deny"}]}',
+            id="nested",
+        ),
+        pytest.param('{"a":{"b":1,"c":{"d":1,"d":1}}}', id="deep-same-value"),
+    ],
+)
+def test_policy_text_with_duplicate_keys_is_rejected(policy: str) -> None:
+    # Python keeps the last duplicate: two different texts would be one identity.
+    error = assert_rejected("policy", policy=policy)
+    assert "duplicate key" in str(error)
+
+
+def test_duplicate_key_message_is_capped() -> None:
+    name = "k" * 500
+    error = assert_rejected("policy", policy=f'{{"{name}":1,"{name}":2}}')
+    assert len(str(error)) < 100
+
+
+def test_same_key_in_different_objects_is_not_a_duplicate() -> None:
+    text = '{"Statement":[{"Effect":"Allow"},{"Effect":"Deny"}],"Version":"2012-10-17"}'
+    assert Role(ARN, policy=text).policy == text
+
+
+LONE_SURROGATE = "\ud800"
+
+
+@pytest.mark.parametrize(
+    ("field", "kwargs"),
+    [
+        pytest.param("subject", {"subject": "user-" + LONE_SURROGATE}, id="subject"),
+        pytest.param("session_name", {"session_name": "s-" + LONE_SURROGATE}, id="session"),
+        pytest.param("policy", {"policy": {"Sid": LONE_SURROGATE}}, id="policy-dict"),
+        pytest.param("policy", {"policy": '{"Sid": "\\udc00"}'}, id="policy-text-escape"),
+        pytest.param("policy", {"policy": '{"Sid": "' + LONE_SURROGATE + '"}'}, id="policy-text"),
+        pytest.param("policy", {"policy": {LONE_SURROGATE: 1}}, id="policy-key"),
+        pytest.param("claims", {"claims": {"tenant": "a" + LONE_SURROGATE}}, id="claims-value"),
+        pytest.param("claims", {"claims": {LONE_SURROGATE: 1}}, id="claims-key"),
+        pytest.param("claims", {"claims": {"t": [{"x": LONE_SURROGATE}]}}, id="claims-nested"),
+    ],
+)
+def test_lone_surrogates_are_rejected_naming_the_field(field: str, kwargs: dict[str, Any]) -> None:
+    # Accepted, they made identity_key raise UnicodeEncodeError on a request (a 500).
+    assert_rejected(field, **kwargs)
+
+
+def test_valid_non_ascii_text_is_accepted_and_keyed() -> None:
+    role = Role(ARN, subject="ユーザー-😀", policy={"Sid": "é"}, claims={"name": "Zoë 😀"})
+    assert len(key_of(role)) == 64
+
+
 # --- claims ----------------------------------------------------------------------------------
 
 

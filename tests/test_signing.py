@@ -388,6 +388,23 @@ def test_minted_token_header() -> None:
     assert jwt.get_unverified_header(token) == {"alg": "ES256", "kid": key.kid, "typ": "JWT"}
 
 
+def test_minted_token_hides_in_its_repr_but_is_the_jwt_as_a_string() -> None:
+    minter = make_minter()
+    token = minter.mint("alice", {"tenant": "acme"})
+    text = str(token)
+    payload = text.split(".")[1]
+    # botocore logs request parameters with %r of a dict holding the token.
+    for shown in (repr(token), repr({"WebIdentityToken": token}), repr([token])):
+        assert payload not in shown
+        assert "<web identity token>" in shown
+    # Everywhere it is used as text, it is the real token.
+    assert isinstance(token, str) and token == text and type(text) is str
+    assert f"{token}" == text and "%s" % token == text  # noqa: UP031
+    assert text.count(".") == 2 and token.encode() == text.encode()
+    assert json.loads(json.dumps({"t": token})) == {"t": text}
+    assert verify(minter, token)["tenant"] == "acme"
+
+
 def test_minted_token_registered_claims() -> None:
     minter = make_minter(token_ttl=900)
     claims = verify(minter, minter.mint("user-42"))

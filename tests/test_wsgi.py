@@ -139,6 +139,53 @@ def test_50_concurrent_cold_requests_make_one_sts_call(
     assert results[0][1] == strict_sts.requests[0].credentials["AccessKeyId"].encode()
 
 
+def test_two_middlewares_sharing_a_broker_share_its_loop_and_one_exchange(
+    strict_sts: StrictSTS,
+    make_broker: Callable[..., CredentialBroker],
+    make_middleware: Any,
+) -> None:
+    # Two mounted apps (e.g. DispatcherMiddleware) wrapped with one broker: one loop thread
+    # drives that broker, so its single-flight covers both.
+    broker = make_broker()
+    before = loop_threads()
+    first = make_middleware(broker=broker)
+    second = make_middleware(broker=broker)
+    other = make_middleware()  # another broker: its own loop
+    assert first._loop is second._loop
+    assert other._loop is not first._loop
+    strict_sts.hang = True
+    results: list[Credentials] = []
+    threads = [
+        threading.Thread(target=lambda m=m: results.append(m.get(ROLE_A)))
+        for m in (first, second, first, second, first, second)
+    ]
+    for thread in threads:
+        thread.start()
+    assert strict_sts.wait_for_calls(1)
+    for thread in threads:
+        thread.join(0.2)  # every thread is waiting on the one exchange by now
+    strict_sts.release()
+    for thread in threads:
+        thread.join(30)
+    assert len(results) == 6
+    assert len({c.access_key_id for c in results}) == 1
+    assert strict_sts.calls == 1
+    assert len(loop_threads() - before) == 1  # `other` never needed its loop
+
+    # Closing one middleware leaves the shared loop to the other; the last one stops it.
+    first.close()
+    assert Client(first).get("/", headers={"X-Tenant": "b"}).status_code == 503
+    assert Client(second).get("/", headers={"X-Tenant": "b"}).status_code == 200
+    assert len(loop_threads() - before) == 1
+    second.close()
+    assert loop_threads() - before == set()
+    assert Client(second).get("/", headers={"X-Tenant": "c"}).status_code == 503
+    # A middleware made afterwards for the same broker gets a loop again.
+    third = make_middleware(broker=broker)
+    assert Client(third).get("/", headers={"X-Tenant": "c"}).status_code == 200
+    assert strict_sts.calls == 3
+
+
 def test_cache_hit_is_served_in_the_request_thread(make_middleware: Any) -> None:
     middleware = make_middleware()
     client = Client(middleware)

@@ -18,7 +18,7 @@ from ._cache import MANDATORY_WINDOW, Failure, L1Cache, plan_entry, retry_delay
 from ._clock import Clock, SystemClock
 from ._credentials import Credentials
 from ._errors import CredentialsRejected, CredentialsUnavailable, STSUnavailable
-from ._exchange import ExchangeRequest, StsExchanger
+from ._exchange import ExchangeRequest, StsExchanger, classify_error
 from ._roles import Role, identity_key
 from ._shared import SharedTier, StoreStats
 from ._signing import SigningKey, TokenMinter
@@ -27,6 +27,20 @@ from .stores import CredentialStore
 __all__ = ["BrokerStats", "CredentialBroker"]
 
 logger = logging.getLogger("stscreds")
+
+#: How long an identity whose STS answer was already (nearly) expired by the local clock is
+#: not asked for again: a skewed clock is not fixed in seconds, and every exchange would
+#: fail the same way.
+CLOCK_SKEW_TTL = 30.0
+_CLOCK_SKEW = "STS returned credentials that expire within 60 s (check the clock)"
+_CLOSED = "credential broker is closed"
+
+
+def _ttl_range(name: str, value: tuple[float, float]) -> tuple[float, float]:
+    low, high = value
+    if not 0 <= low <= high:
+        raise ValueError(f"{name}: must be (low, high) with 0 <= low <= high")
+    return low, high
 
 
 @dataclass(slots=True)
@@ -65,6 +79,7 @@ class CredentialBroker:
         max_attempts: int = 3,
         max_workers: int = 8,
         negative_ttl: tuple[float, float] = (1.0, 5.0),
+        transient_negative_ttl: tuple[float, float] = (0.5, 2.0),
         store: CredentialStore | None = None,
         store_timeout: float = 0.25,
         store_cooldown: float = 5.0,
@@ -81,9 +96,8 @@ class CredentialBroker:
         )
         # Validates the default subject the same way as Role.subject.
         Role("arn:aws:iam::000000000000:role/x", subject=default_subject)
-        low, high = negative_ttl
-        if not 0 <= low <= high:
-            raise ValueError("negative_ttl: must be (low, high) with 0 <= low <= high")
+        self._negative_ttl = _ttl_range("negative_ttl", negative_ttl)
+        self._transient_negative_ttl = _ttl_range("transient_negative_ttl", transient_negative_ttl)
         self._cache = L1Cache(cache_size)
         # The hit path reads these directly: a plain dict and a bound method, no Python calls.
         self._entries = self._cache.entries
@@ -98,7 +112,7 @@ class CredentialBroker:
             max_workers=max_workers,
         )
         self.default_subject = default_subject
-        self._negative_ttl = (low, high)
+        self._closed = False
         self._failures: LRUCache[str, Failure] = LRUCache(maxsize=cache_size)
         self._inflight: dict[str, asyncio.Task[Credentials]] = {}
         # Role's canonical encoding -> identity key, so a hit neither re-encodes the identity
@@ -167,10 +181,11 @@ class CredentialBroker:
         return key
 
     def get_cached(self, role: Role) -> Credentials | None:
-        """Cached credentials for ``role`` if usable now, else None; never waits or raises.
+        """Cached credentials for ``role`` if usable now, else None; never waits.
 
-        In the advisory window it starts the one background refresh (needs a running loop).
-        This is the whole cache-hit path: two dict lookups and a time comparison.
+        Call it on a running event loop: in the advisory window it starts the one background
+        refresh on that loop (outside one, that raises RuntimeError). Use ``peek`` from other
+        threads. This is the whole cache-hit path: two dict lookups and a time comparison.
         """
         key = self._keys.get(role._canonical) or self.identity_key(role)
         entry = self._entries.get(key)
@@ -205,7 +220,12 @@ class CredentialBroker:
         """Credentials for ``role`` with more than the mandatory window (60 s) left.
 
         Concurrent callers for one identity share one exchange. Raises CredentialsRejected
-        (STS refused) or STSUnavailable (STS down, slow or throttling).
+        (STS refused) or STSUnavailable (STS down, slow or throttling; the broker closed).
+
+        Failures are remembered per identity for a short while (``negative_ttl`` for
+        rejections, ``transient_negative_ttl`` for STS being unavailable, about 30 s for
+        credentials already expiring by the local clock): callers in that time get the same
+        error without a new STS call.
         """
         credentials = self.get_cached(role)
         if credentials is not None:
@@ -214,6 +234,8 @@ class CredentialBroker:
 
     async def fetch(self, role: Role) -> Credentials:
         """Wait for the (single, shared) exchange for ``role``; used when the cache missed."""
+        if self._closed:
+            raise STSUnavailable(_CLOSED, role_arn=role.arn)
         key = self.identity_key(role)
         self.stats.misses += 1
         failure = self._failures.get(key)
@@ -258,6 +280,8 @@ class CredentialBroker:
     async def _refresh(self, key: str, role: Role) -> Credentials:
         entry = self._cache.get(key)
         try:
+            if self._closed:
+                raise STSUnavailable(_CLOSED, role_arn=role.arn)
             if self._shared is None:
                 credentials = await self._exchange(role)
                 lifetime: float = role.duration_seconds
@@ -271,6 +295,26 @@ class CredentialBroker:
         except CredentialsUnavailable as error:
             self._record_failure(key, role, error)
             raise
+        except asyncio.CancelledError:
+            # close() cancels the pool's queued calls: that is the broker closing, not this
+            # task being cancelled (aclose() cancels the tasks themselves, before the pool).
+            if not self._exchanger.closed or _cancelling():
+                raise
+            closed = STSUnavailable(_CLOSED, role_arn=role.arn)
+            self._record_failure(key, role, closed)
+            raise closed from None
+        except Exception as exc:
+            # A bug, or the pool shut down under us: the same error (and retry backoff) as
+            # any failed exchange, never a raw exception for the middleware to turn into a 500.
+            if self._closed:
+                converted: CredentialsUnavailable = STSUnavailable(_CLOSED, role_arn=role.arn)
+            else:
+                converted = classify_error(exc, role.arn)
+                logger.error(
+                    "stscreds: unexpected %s in the exchange for %s", type(exc).__name__, role.arn
+                )
+            self._record_failure(key, role, converted)
+            raise converted from None
         self._cache[key] = plan_entry(credentials, self._now(), lifetime=lifetime)
         self._failures.pop(key, None)
         return credentials
@@ -288,19 +332,42 @@ class CredentialBroker:
             request, partial(self._minter.mint, subject, role.claims)
         )
         if credentials.seconds_left(self._now()) <= MANDATORY_WINDOW:
-            raise STSUnavailable(
-                "STS returned credentials that expire within 60 s (check the clock)",
-                role_arn=role.arn,
-            )
+            raise STSUnavailable(_CLOCK_SKEW, role_arn=role.arn)
         return credentials
 
     def _record_failure(self, key: str, role: Role, error: CredentialsUnavailable) -> None:
         self.stats.exchange_failures += 1
         now = self._now()
+        skewed = error.message == _CLOCK_SKEW
         if isinstance(error, CredentialsRejected):
             low, high = self._negative_ttl
-            self._failures[key] = Failure(error, now + random.uniform(low, high))  # noqa: S311
+        elif skewed:
+            low, high = 0.9 * CLOCK_SKEW_TTL, 1.1 * CLOCK_SKEW_TTL
+        else:
+            # Throttling, 5xx, timeouts: retried inside the exchange already; remembering the
+            # error briefly keeps every arriving request from starting yet another exchange.
+            low, high = self._transient_negative_ttl
+        previous = self._failures.get(key)
+        until = now + random.uniform(low, high)  # noqa: S311 - spreads retries, not a secret
+        # A copy: the original's traceback holds the exchange's frames (and their locals).
+        self._failures[key] = Failure(error._copy(), until)
         entry = self._cache.get(key)
+        if skewed:
+            if entry is not None and now < entry.mandatory_at:
+                entry.failures += 1
+                entry.retry_at = max(
+                    until, now + retry_delay(entry.failures, now, entry.mandatory_at)
+                )
+            # One line per identity per period, however many callers or refreshes hit it.
+            if previous is None or previous.error.message != _CLOCK_SKEW or now >= previous.until:
+                logger.error(
+                    "stscreds: STS returned credentials for %s that have already (nearly) "
+                    "expired by the local clock: check the clock (NTP); not asking STS for "
+                    "this identity again for %.0fs",
+                    role.arn,
+                    until - now,
+                )
+            return
         if entry is not None and now < entry.mandatory_at:
             entry.failures += 1
             entry.retry_at = now + retry_delay(entry.failures, now, entry.mandatory_at)
@@ -318,7 +385,11 @@ class CredentialBroker:
             )
 
     async def aclose(self) -> None:
-        """Cancel in-flight exchanges and release the STS client and its threads."""
+        """Cancel in-flight exchanges and release the STS client and its threads.
+
+        Later cache misses raise STSUnavailable ("credential broker is closed").
+        """
+        self._closed = True
         tasks = list(self._inflight.values())
         for task in tasks:
             task.cancel()
@@ -328,7 +399,11 @@ class CredentialBroker:
             await self._shared.aclose()
 
     def close(self) -> None:
-        """Release the STS client and its threads (in-flight exchanges fail)."""
+        """Release the STS client and its threads.
+
+        In-flight exchanges and later cache misses raise STSUnavailable.
+        """
+        self._closed = True
         self._exchanger.close()
 
     async def __aenter__(self) -> CredentialBroker:
@@ -342,6 +417,13 @@ class CredentialBroker:
             f"CredentialBroker(issuer={self.issuer!r}, sts_endpoint_url={self.sts_endpoint_url!r}, "
             f"cached={len(self._cache)})"
         )
+
+
+def _cancelling() -> int:
+    # Task.cancelling() is Python 3.11+; on 3.10 a closed pool is taken to be the cause.
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return 0 if cancelling is None else cancelling()
 
 
 def _reset_in_child(ref: weakref.ref[CredentialBroker]) -> None:

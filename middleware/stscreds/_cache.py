@@ -96,7 +96,7 @@ def retry_delay(
 
 
 class Failure:
-    """A remembered non-recoverable error, raised again (as a fresh copy) until ``until``."""
+    """A remembered exchange failure, raised again (as a fresh copy) until ``until``."""
 
     __slots__ = ("error", "until")
 

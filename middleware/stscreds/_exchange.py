@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -12,11 +14,12 @@ from typing import Any
 
 import botocore.session
 from botocore import UNSIGNED
+from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ._credentials import Credentials
-from ._errors import CredentialsRejected, CredentialsUnavailable, STSUnavailable
+from ._errors import _JWT_LIKE, CredentialsRejected, CredentialsUnavailable, STSUnavailable
 
 __all__ = ["NON_RECOVERABLE_CODES", "TRANSIENT_CODES", "StsExchanger", "classify_error"]
 
@@ -69,6 +72,64 @@ def classify_error(error: BaseException, role_arn: str | None = None) -> Credent
         # Connection refused/reset, DNS, connect and read timeouts: the endpoint, not the role.
         return STSUnavailable(f"STS unreachable: {type(error).__name__}", role_arn=role_arn)
     return STSUnavailable(f"STS exchange failed: {type(error).__name__}", role_arn=role_arn)
+
+
+# botocore's DEBUG logging writes request parameters (botocore.endpoint: "Making request ...
+# with params", the WebIdentityToken included) and raw response bodies (botocore.parsers:
+# "Response body", with SecretAccessKey and SessionToken). These loggers get a filter that
+# cuts those values out of the few records holding them.
+_SECRET_LOGGERS = ("botocore.endpoint", "botocore.parsers")
+_SECRET_MARKERS = ("SecretAccessKey", "SessionToken", "WebIdentityToken", "eyJ")
+_REDACTED_NAMES = "SecretAccessKey|SessionToken|WebIdentityToken"
+_SECRET_PATTERNS = (
+    # XML elements: <SecretAccessKey>...</SecretAccessKey>
+    (re.compile(rf"<({_REDACTED_NAMES})>.*?</\1>", re.DOTALL), r"<\1><redacted></\1>"),
+    # Form-encoded bodies: WebIdentityToken=...&
+    (re.compile(rf"\b({_REDACTED_NAMES})=[^&\s'\"]*"), r"\1=<redacted>"),
+    # Reprs of dicts and JSON: 'SessionToken': '...' / "SessionToken": "..."
+    (
+        re.compile(rf"""(['"]?)\b({_REDACTED_NAMES})\1(\s*[:=]\s*)(['"])(?:(?!\4).)*\4"""),
+        r"\1\2\1\3\4<redacted>\4",
+    ),
+    (_JWT_LIKE, "<redacted>"),
+)
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with STS secrets (access key secrets, session tokens, JWTs) cut out."""
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class SecretsFilter(logging.Filter):
+    """Redacts STS secrets in the records of botocore's loggers that log bodies.
+
+    A logger's filters run only for records it is enabled for, so with DEBUG off (the usual
+    production setting) this costs nothing; with it on, only records holding one of the
+    markers are rewritten.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken record is the handler's business
+            return True
+        if any(marker in message for marker in _SECRET_MARKERS):
+            record.msg = redact_secrets(message)
+            record.args = ()
+        return True
+
+
+_SECRETS_FILTER = SecretsFilter()
+
+
+def install_log_filter() -> None:
+    """Put the secrets filter on botocore's body-logging loggers (once; idempotent)."""
+    for name in _SECRET_LOGGERS:
+        log = logging.getLogger(name)
+        if _SECRETS_FILTER not in log.filters:
+            log.addFilter(_SECRETS_FILTER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,10 +185,11 @@ class StsExchanger:
             raise ValueError("max_attempts: must be an integer >= 1")
         if not isinstance(max_workers, int) or max_workers < 1:
             raise ValueError("max_workers: must be an integer >= 1")
-        session = botocore.session.get_session()
+        install_log_filter()
+        self._session = botocore.session.get_session()
         # The regional endpoint keeps STS traffic (and its failures) in the app's region.
-        session.set_config_variable("sts_regional_endpoints", "regional")
-        config = Config(
+        self._session.set_config_variable("sts_regional_endpoints", "regional")
+        self._config = Config(
             signature_version=UNSIGNED,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
@@ -135,15 +197,20 @@ class StsExchanger:
             retries={"total_max_attempts": 1},
             max_pool_connections=max_workers,
         )
-        self._client = session.create_client(
-            "sts", region_name=region, endpoint_url=endpoint_url, config=config
-        )
         self.region = region
+        self._requested_endpoint = endpoint_url
+        # None after a fork: the next call makes a new client (see reset_after_fork).
+        self._client: BaseClient | None = self._new_client()
+        self._client_lock = threading.Lock()
+        # Clients dropped at fork: kept referenced, never closed or finalized in the child.
+        self._stale_clients: list[BaseClient] = []
         self.endpoint_url: str = self._client.meta.endpoint_url
         self.deadline = float(deadline)
         self.max_attempts = max_attempts
         self.retry_base_delay = retry_base_delay
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="stscreds-sts")
+        #: True once close() has run: the pool takes no more work.
+        self.closed = False
 
     async def exchange(self, request: ExchangeRequest, mint: Callable[[], str]) -> Credentials:
         """Mint a token with ``mint`` and call AssumeRoleWithWebIdentity, both on the pool.
@@ -195,21 +262,44 @@ class StsExchanger:
                 continue
             return _credentials_from(response)
 
+    def _new_client(self) -> BaseClient:
+        return self._session.create_client(
+            "sts",
+            region_name=self.region,
+            endpoint_url=self._requested_endpoint,
+            config=self._config,
+        )
+
     def _call(self, params: dict[str, Any]) -> dict[str, Any]:
-        return self._client.assume_role_with_web_identity(**params)  # type: ignore[no-any-return]
+        client = self._client
+        if client is None:
+            with self._client_lock:
+                client = self._client
+                if client is None:
+                    client = self._client = self._new_client()
+        return client.assume_role_with_web_identity(**params)  # type: ignore[no-any-return]
 
     def reset_after_fork(self) -> None:
-        """In a forked child: a new thread pool (the parent's threads do not exist here) and
-        no shared HTTP connections (closing this process's copies; botocore reconnects)."""
+        """In a forked child: a new thread pool (the parent's threads do not exist here) and,
+        on the next exchange, a new client (the parent's shares its HTTP connections).
+
+        Nothing here touches the old client: closing it takes urllib3's locks, which a parent
+        thread may have held at the moment of the fork (held forever in the child).
+        """
         self._pool = ThreadPoolExecutor(
             max_workers=self._pool._max_workers, thread_name_prefix="stscreds-sts"
         )
-        self._client.close()
+        self._client_lock = threading.Lock()
+        if self._client is not None:
+            self._stale_clients.append(self._client)
+        self._client = None
 
     def close(self) -> None:
         """Release the thread pool and the HTTP connections."""
+        self.closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
 
 
 def _credentials_from(response: dict[str, Any]) -> Credentials:

@@ -33,6 +33,32 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Python keeps the last of duplicate keys; what IAM makes of them is its own business.
+    # Two different texts must not parse to one policy (and share one identity key).
+    result: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in result:
+            shown = name if len(name) <= 40 else name[:37] + "..."
+            raise _DuplicateKey(f"policy: duplicate key {shown!r}")
+        result[name] = value
+    return result
+
+
+def _is_valid_unicode(text: str) -> bool:
+    # Lone surrogates ("\ud800") are str but not Unicode text: they cannot be UTF-8 encoded
+    # (the identity key), so a Role holding one would fail later, on a request.
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class _FrozenDict(dict):  # type: ignore[type-arg]
     """A dict that refuses changes; still a dict, so json.dumps (and PyJWT) accept it."""
 
@@ -62,7 +88,11 @@ def _parse_policy(policy: str | Mapping[str, Any] | None) -> tuple[str | None, A
         return None, None
     if isinstance(policy, str):
         try:
-            parsed = json.loads(policy, parse_constant=_reject_constant)
+            parsed = json.loads(
+                policy, parse_constant=_reject_constant, object_pairs_hook=_unique_keys
+            )
+        except _DuplicateKey as error:
+            raise ValueError(str(error)) from None
         except ValueError:
             raise ValueError("policy: not valid JSON") from None
         if not isinstance(parsed, dict):
@@ -155,6 +185,16 @@ class Role:
             ]
         )
         canonical = _canonical_json([subject, session_name, shape])
+        if not _is_valid_unicode(canonical):
+            # Rare: find the field to name (the ARN and session name patterns are ASCII).
+            for name, value in (
+                ("subject", subject or ""),
+                ("policy", _canonical_json(policy_parsed)),
+                ("claims", _canonical_json(None if frozen_claims is None else dict(frozen_claims))),
+            ):
+                if not _is_valid_unicode(value):
+                    raise ValueError(f"{name}: must be valid Unicode (no lone surrogates)")
+            raise ValueError("role: must be valid Unicode (no lone surrogates)")
         set_ = object.__setattr__
         set_(self, "arn", arn)
         set_(self, "subject", subject)

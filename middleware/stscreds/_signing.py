@@ -33,6 +33,19 @@ _THUMBPRINT_MEMBERS = {"RSA": ("e", "kty", "n"), "EC": ("crv", "kty", "x", "y")}
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
+class _Token(str):
+    """A minted JWT: the real text wherever it is used as a string, hidden in its repr.
+
+    botocore logs the request parameters at DEBUG with ``%r`` of a dict holding the token;
+    the request body it sends is built from the string value, so STS still gets the token.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'<web identity token>'"
+
+
 class SigningKey:
     """A private key that signs stscreds' JWTs, with its algorithm and key id (``kid``)."""
 
@@ -183,7 +196,10 @@ class TokenMinter:
         self._clock = clock
 
     def mint(self, subject: str, claims: Mapping[str, Any] | None = None) -> str:
-        """Return a signed JWT for ``subject`` carrying the extra ``claims``."""
+        """Return a signed JWT for ``subject`` carrying the extra ``claims``.
+
+        A ``str`` whose ``repr`` hides the token (so a logged container does not leak it).
+        """
         now = int(self._clock.time())
         payload: dict[str, Any] = dict(claims) if claims else {}
         payload.update(
@@ -195,7 +211,7 @@ class TokenMinter:
             exp=now + self.token_ttl,
             jti=secrets.token_urlsafe(16),
         )
-        return self.keys[0].sign(payload)
+        return _Token(self.keys[0].sign(payload))
 
     def jwks(self) -> dict[str, Any]:
         """The JSON Web Key Set publishing every configured key (first one signs)."""

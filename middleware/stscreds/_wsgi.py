@@ -1,8 +1,9 @@
 """CredentialsWSGIMiddleware: WSGI (Flask, Django); puts each request's credentials in the environ.
 
 A cache hit is served in the request's own thread (``broker.peek``). Anything else runs on one
-event loop owned by the middleware, on a daemon thread started on first use, so the broker's
-single-flight covers every WSGI thread: N threads asking for one cold identity make one call.
+event loop per broker, on a daemon thread started on first use and shared by every middleware
+using that broker, so the broker's single-flight covers every WSGI thread (of every mounted
+app): N threads asking for one cold identity make one call.
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ class CredentialsWSGIMiddleware:
         self.on_error = on_error
         self.timeout = float(timeout)
         self.warm_up = warm_up_roles(warm_up)
-        self._loop = _LoopThread("stscreds-wsgi")
+        # One loop thread per broker, shared: a broker serves one event loop at a time.
+        self._loop = _loop_for(broker)
+        self._closed = False
         # WSGI paths are decoded bytes as latin-1 text: match the issuer's path the same way
         # (an issuer path may be percent-encoded, e.g. /t%C3%A9nant).
         base = unquote_to_bytes(urlsplit(broker.issuer).path.rstrip("/")).decode("latin-1")
@@ -133,6 +136,8 @@ class CredentialsWSGIMiddleware:
         if credentials is not None:
             return credentials
         try:
+            if self._closed:
+                raise RuntimeError("closed")
             future = self._loop.submit(self.broker.get, role)
         except RuntimeError:
             raise STSUnavailable(
@@ -165,11 +170,16 @@ class CredentialsWSGIMiddleware:
         return self._warm_up.done()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the middleware's event loop thread (also done at interpreter exit).
+        """Stop using the broker's event loop thread; the last middleware using it stops it.
 
-        Requests that miss the cache afterwards answer 503; the broker is left open.
+        Requests that miss the cache afterwards answer 503; the broker is left open. Also
+        done at interpreter exit.
         """
-        self._loop.close(timeout)
+        with _LOOPS_LOCK:
+            if self._closed:
+                return
+            self._closed = True
+        self._loop.release(timeout)
 
     def _fail(
         self,
@@ -210,7 +220,7 @@ class CredentialsWSGIMiddleware:
         return [b"" if method == "HEAD" else body]
 
     def _after_fork_in_child(self) -> None:
-        self._loop.after_fork_in_child()
+        # The shared loop thread itself is reset once, by the module's fork hook.
         if self._warm_up is not None and not self._warm_up.done():
             # The parent's loop will never finish it here; the child keeps what was cached.
             self._warm_up = concurrent.futures.Future()
@@ -223,7 +233,11 @@ def _status_line(status: int) -> str:
 
 class _LoopThread:
     """An event loop on a daemon thread: started on first use, stopped by close() or at exit,
-    and started afresh in a forked child (the parent's thread does not exist there)."""
+    and started afresh in a forked child (the parent's thread does not exist there).
+
+    ``users`` counts the middlewares sharing it (see ``_loop_for``); ``release`` by the last
+    one closes it.
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -231,6 +245,21 @@ class _LoopThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.users = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def release(self, timeout: float = 5.0) -> None:
+        """One user is done with the loop; the last one closes it."""
+        with _LOOPS_LOCK:
+            self.users -= 1
+            if self.users > 0:
+                return
+            # Closed for _loop_for at once: a middleware made now gets a new loop, not this one.
+            self._closed = True
+        self.close(timeout)
 
     def submit(
         self, function: Callable[..., Coroutine[Any, Any, T]], *args: Any
@@ -285,9 +314,30 @@ class _LoopThread:
 
 _MIDDLEWARES: weakref.WeakSet[CredentialsWSGIMiddleware] = weakref.WeakSet()
 _ORPHANED_LOOPS: list[asyncio.AbstractEventLoop] = []
+# The loop thread each broker runs on, shared by every middleware using that broker: two
+# loops driving one broker would each start their own exchange for one identity.
+_LOOPS: weakref.WeakKeyDictionary[CredentialBroker, _LoopThread] = weakref.WeakKeyDictionary()
+_LOOPS_LOCK = threading.Lock()
+
+
+def _loop_for(broker: CredentialBroker) -> _LoopThread:
+    """The broker's loop thread (a new one if it has none or it was closed), with one more user."""
+    with _LOOPS_LOCK:
+        loop = _LOOPS.get(broker)
+        if loop is None or loop.closed:
+            loop = _LOOPS[broker] = _LoopThread("stscreds-wsgi")
+        loop.users += 1
+        return loop
 
 
 def _after_fork_in_child() -> None:
+    global _LOOPS_LOCK
+    # The parent's lock may have been held by a thread that does not exist here.
+    _LOOPS_LOCK = threading.Lock()
+    loops = {id(m._loop): m._loop for m in list(_MIDDLEWARES)}
+    loops.update((id(loop), loop) for loop in list(_LOOPS.values()))
+    for loop in loops.values():
+        loop.after_fork_in_child()
     for middleware in list(_MIDDLEWARES):
         middleware._after_fork_in_child()
 
@@ -295,6 +345,9 @@ def _after_fork_in_child() -> None:
 def _close_at_exit() -> None:
     for middleware in list(_MIDDLEWARES):
         middleware.close(timeout=1.0)
+    # A middleware dropped without close() left its loop's user count up: stop them all.
+    for loop in list(_LOOPS.values()):
+        loop.close(timeout=1.0)
 
 
 if hasattr(os, "register_at_fork"):  # POSIX only; there is no fork elsewhere
