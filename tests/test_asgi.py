@@ -895,6 +895,38 @@ def test_lifespan_passes_through_to_starlette(
     assert resolver.calls == 1
 
 
+@pytest.mark.parametrize("lifespan", ["on", "pass"])
+def test_close_broker_closes_it_at_lifespan_shutdown(
+    strict_sts: StrictSTS, broker: CredentialBroker, lifespan: str
+) -> None:
+    # "on": the middleware answers lifespan itself (as for Django); "pass": after the app's own
+    # shutdown has completed.
+    inner = Starlette(routes=[Route("/", lambda request: PlainTextResponse("ok"))])
+    app = CredentialsMiddleware(
+        inner,
+        broker=broker,
+        resolve_role=lambda scope: None,
+        lifespan=lifespan,  # type: ignore[arg-type]
+        close_broker=True,
+    )
+    with TestClient(app) as client:
+        assert client.get("/").status_code == 200
+        assert not broker._closed
+    assert broker._closed
+
+
+def test_the_broker_stays_open_at_shutdown_by_default(
+    strict_sts: StrictSTS, broker: CredentialBroker
+) -> None:
+    # A broker may be shared by several apps: the middleware closes it only when told to.
+    app = CredentialsMiddleware(
+        Starlette(routes=[]), broker=broker, resolve_role=lambda scope: None, lifespan="on"
+    )
+    with TestClient(app):
+        pass
+    assert not broker._closed
+
+
 # -- concurrency -------------------------------------------------------------------------------
 
 

@@ -95,6 +95,7 @@ class CredentialsMiddleware:
     so start-up never waits on STS; failures are logged, never fatal. ``lifespan``: "auto"
     answers the lifespan protocol itself for Django's ASGIHandler (which cannot) and forwards
     it to any other app; "on" always answers it; "pass" always forwards it.
+    ``close_broker=True`` closes the broker at lifespan shutdown (for a broker this app owns).
     """
 
     def __init__(
@@ -109,6 +110,7 @@ class CredentialsMiddleware:
         oidc_max_age: int = 300,
         warm_up: Iterable[Role] = (),
         lifespan: Lifespan = "auto",
+        close_broker: bool = False,
     ) -> None:
         if not isinstance(broker, CredentialBroker):
             raise TypeError("broker: must be a CredentialBroker")
@@ -127,6 +129,7 @@ class CredentialsMiddleware:
         self.resolve_role = resolve_role
         self.state_key = state_key
         self.on_error = on_error
+        self.close_broker = close_broker
         self.warm_up = warm_up_roles(warm_up)
         self._answer_lifespan = lifespan == "on" or (lifespan == "auto" and is_django_asgi(app))
         self._warm_up_task: asyncio.Task[int] | None = None
@@ -187,7 +190,7 @@ class CredentialsMiddleware:
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self._answer_lifespan:
-            if not self.warm_up:
+            if not self.warm_up and not self.close_broker:
                 await self.app(scope, receive, send)
                 return
 
@@ -197,6 +200,8 @@ class CredentialsMiddleware:
                     self._start_warm_up()
                 elif message["type"].startswith("lifespan.shutdown."):
                     self._stop_warm_up()
+                    if message["type"] == "lifespan.shutdown.complete":
+                        await self._close_broker()
                 await send(message)
 
             await self.app(scope, receive, send_and_warm_up)
@@ -208,8 +213,14 @@ class CredentialsMiddleware:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self._stop_warm_up()
+                await self._close_broker()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _close_broker(self) -> None:
+        if self.close_broker:
+            # Its STS threads and store connections end with the app, not at process exit.
+            await self.broker.aclose()
 
     def _start_warm_up(self) -> None:
         if self.warm_up and self._warm_up_task is None:

@@ -158,6 +158,8 @@ def asgi_application(
         app = get_asgi_application()
     if broker is None:
         broker = broker_from_settings()
+        # Built here, so owned here: closed when the server shuts the app down.
+        options.setdefault("close_broker", True)
     _default_warm_up(options)
     return CredentialsMiddleware(app, broker=broker, resolve_role=resolve_role, **options)
 
