@@ -9,7 +9,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from ._broker import CredentialBroker
 from ._errors import CredentialsUnavailable
@@ -118,9 +118,7 @@ class CredentialsMiddleware:
             raise TypeError("resolve_role: must be callable")
         if not isinstance(state_key, str) or not state_key:
             raise ValueError("state_key: must be a non-empty string")
-        if isinstance(oidc_max_age, bool) or not isinstance(oidc_max_age, int) or oidc_max_age < 1:
-            # AWS refuses a JWKS served with no-cache; a zero max-age amounts to the same.
-            raise ValueError("oidc_max_age: must be a positive number of seconds")
+        documents = oidc_documents(broker, oidc_max_age)
         if lifespan not in ("auto", "on", "pass"):
             raise ValueError('lifespan: must be "auto", "on" or "pass"')
         self.app = app
@@ -136,15 +134,12 @@ class CredentialsMiddleware:
         self._resolve_is_async = inspect.iscoroutinefunction(
             resolve_role
         ) or inspect.iscoroutinefunction(getattr(resolve_role, "__call__", None))  # noqa: B004
-        # Servers hand the app a decoded path; the issuer URL may be percent-encoded.
-        base = unquote(urlsplit(broker.issuer).path).rstrip("/")
-        self._documents: dict[str, tuple[bytes, list[tuple[bytes, bytes]]]] = {}
-        if serve_oidc:
-            for path, document in (
-                (f"{base}/.well-known/openid-configuration", broker.openid_configuration()),
-                (f"{base}/.well-known/jwks.json", broker.jwks()),
-            ):
-                self._documents[path] = _static_json(document, oidc_max_age)
+        # ASGI servers hand the app the path percent-decoded as UTF-8.
+        self._documents: dict[str, tuple[bytes, list[tuple[bytes, bytes]]]] = (
+            {path.decode("utf-8", "replace"): doc for path, doc in documents.items()}
+            if serve_oidc
+            else {}
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -280,6 +275,26 @@ class CredentialsMiddleware:
                 status, body = 304, b""
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+
+
+def oidc_documents(
+    broker: CredentialBroker, max_age: int
+) -> dict[bytes, tuple[bytes, list[tuple[bytes, bytes]]]]:
+    """The issuer's discovery document and JWKS as ready responses, by percent-decoded path.
+
+    Paths are bytes because servers decode them differently (ASGI: UTF-8, WSGI: latin-1).
+    """
+    if isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 1:
+        # AWS refuses a JWKS served with no-cache; a zero max-age amounts to the same.
+        raise ValueError("oidc_max_age: must be a positive number of seconds")
+    # The issuer URL may be percent-encoded (e.g. /t%C3%A9nant).
+    base = unquote_to_bytes(urlsplit(broker.issuer).path.rstrip("/"))
+    return {
+        base + b"/.well-known/openid-configuration": _static_json(
+            broker.openid_configuration(), max_age
+        ),
+        base + b"/.well-known/jwks.json": _static_json(broker.jwks(), max_age),
+    }
 
 
 def _static_json(document: dict[str, Any], max_age: int) -> tuple[bytes, list[tuple[bytes, bytes]]]:

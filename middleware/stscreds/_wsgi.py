@@ -20,9 +20,8 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import unquote_to_bytes, urlsplit
 
-from ._asgi import RETRY_AFTER, _static_json, error_body, run_warm_up, warm_up_roles
+from ._asgi import RETRY_AFTER, error_body, oidc_documents, run_warm_up, warm_up_roles
 from ._broker import CredentialBroker
 from ._credentials import Credentials
 from ._errors import CredentialsUnavailable, STSUnavailable
@@ -79,9 +78,7 @@ class CredentialsWSGIMiddleware:
             raise ValueError("environ_key: must be a non-empty string")
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
             raise ValueError("timeout: must be a positive number of seconds")
-        if isinstance(oidc_max_age, bool) or not isinstance(oidc_max_age, int) or oidc_max_age < 1:
-            # AWS refuses a JWKS served with no-cache; a zero max-age amounts to the same.
-            raise ValueError("oidc_max_age: must be a positive number of seconds")
+        documents = oidc_documents(broker, oidc_max_age)
         self.app = wsgi_app
         self.broker = broker
         self.resolve_role = resolve_role
@@ -92,17 +89,15 @@ class CredentialsWSGIMiddleware:
         # One loop thread per broker, shared: a broker serves one event loop at a time.
         self._loop = _loop_for(broker)
         self._closed = False
-        # WSGI paths are decoded bytes as latin-1 text: match the issuer's path the same way
-        # (an issuer path may be percent-encoded, e.g. /t%C3%A9nant).
-        base = unquote_to_bytes(urlsplit(broker.issuer).path.rstrip("/")).decode("latin-1")
-        self._documents: dict[str, tuple[bytes, list[tuple[str, str]]]] = {}
-        if serve_oidc:
-            for path, document in (
-                (f"{base}/.well-known/openid-configuration", broker.openid_configuration()),
-                (f"{base}/.well-known/jwks.json", broker.jwks()),
-            ):
-                body, headers = _static_json(document, oidc_max_age)
-                self._documents[path] = (body, [(k.decode(), v.decode()) for k, v in headers])
+        # WSGI paths are decoded bytes as latin-1 text: match the issuer's path the same way.
+        self._documents: dict[str, tuple[bytes, list[tuple[str, str]]]] = (
+            {
+                path.decode("latin-1"): (body, [(k.decode(), v.decode()) for k, v in headers])
+                for path, (body, headers) in documents.items()
+            }
+            if serve_oidc
+            else {}
+        )
         self._warm_up: concurrent.futures.Future[int] | None = None
         if self.warm_up:
             self._warm_up = self._loop.submit(run_warm_up, broker, self.warm_up)
