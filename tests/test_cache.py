@@ -1,4 +1,5 @@
-"""The L1 cache's refresh policy: advisory windows, jitter, the mandatory window, retry backoff."""
+"""The L1 cache's refresh policy: advisory windows, jitter, the mandatory window, the backoff
+after a failed refresh, planned from what STS granted."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ import pytest
 
 from stscreds import Credentials
 from stscreds._cache import (
+    DEFAULT_REFRESH_BACKOFF,
     MANDATORY_WINDOW,
-    MAX_RETRY_DELAY,
-    MIN_RETRY_DELAY,
+    MIN_REFRESH_INTERVAL,
+    MIN_SERVE,
     CacheEntry,
     L1Cache,
     advisory_window,
     plan_entry,
-    retry_delay,
+    refresh_backoff,
 )
 
 NOW = 1_700_000_000.0
@@ -67,15 +69,20 @@ def test_advisory_window_leaves_most_of_the_lifetime_usable(lifetime: int) -> No
 # -- plan_entry ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("lifetime", "window"), [(900, 300), (3600, 900), (43200, 3600)])
+def plan(remaining: float, seed: int = 0, **kwargs: float) -> CacheEntry:
+    return plan_entry(
+        creds(NOW + remaining), NOW, remaining=remaining, rng=random.Random(seed), **kwargs
+    )
+
+
+@pytest.mark.parametrize(("lifetime", "window"), [(1200, 300), (3600, 900), (43200, 3600)])
 def test_plan_entry_jitter_within_first_quarter_of_window(lifetime: int, window: int) -> None:
     rng = random.Random(1234)
-    expires_at = NOW + lifetime
     offsets = []
     for _ in range(2000):
-        entry = plan_entry(creds(expires_at), NOW, lifetime=lifetime, rng=rng)
-        assert entry.expires_at == expires_at
-        before_expiry = expires_at - entry.refresh_at
+        entry = plan_entry(creds(NOW + lifetime), NOW, remaining=lifetime, rng=rng)
+        assert entry.expires_at == NOW + lifetime
+        before_expiry = entry.expires_at - entry.refresh_at
         # Refresh starts between the full window and 3/4 of it before expiry.
         assert window * 0.75 <= before_expiry <= window
         offsets.append(before_expiry)
@@ -85,40 +92,64 @@ def test_plan_entry_jitter_within_first_quarter_of_window(lifetime: int, window:
 
 
 def test_plan_entry_is_deterministic_for_a_seeded_rng() -> None:
-    a = plan_entry(creds(NOW + 3600), NOW, lifetime=3600, rng=random.Random(7))
-    b = plan_entry(creds(NOW + 3600), NOW, lifetime=3600, rng=random.Random(7))
-    c = plan_entry(creds(NOW + 3600), NOW, lifetime=3600, rng=random.Random(8))
-    assert a.refresh_at == b.refresh_at
-    assert a.refresh_at != c.refresh_at
+    assert plan(3600, 7).refresh_at == plan(3600, 7).refresh_at
+    assert plan(3600, 7).refresh_at != plan(3600, 8).refresh_at
 
 
-@pytest.mark.parametrize("lifetime", [900, 3600, 43200])
-def test_plan_entry_mandatory_is_min_of_60s_and_window(lifetime: int) -> None:
-    expires_at = NOW + lifetime
-    entry = plan_entry(creds(expires_at), NOW, lifetime=lifetime, rng=random.Random(1))
-    mandatory = min(MANDATORY_WINDOW, advisory_window(lifetime))
-    assert mandatory == 60.0
-    assert entry.mandatory_at == expires_at - mandatory
-    assert entry.refresh_at < entry.mandatory_at < entry.expires_at
+@pytest.mark.parametrize("remaining", [65, 90, 300, 900, 3600, 43200])
+def test_plan_entry_windows_are_relative_to_the_local_receipt(remaining: int) -> None:
+    entry = plan(remaining, 1)
+    assert entry.expires_at == NOW + remaining
+    assert entry.mandatory_at == entry.expires_at - MANDATORY_WINDOW == NOW + remaining - 60
+    assert entry.serve_until == entry.expires_at - MIN_SERVE
+    assert NOW < entry.refresh_at <= entry.mandatory_at < entry.serve_until < entry.expires_at
     # A fresh entry retries no earlier than its first refresh and has no failures.
     assert entry.retry_at == entry.refresh_at
     assert entry.failures == 0
 
 
-def test_plan_entry_lifetime_defaults_to_time_left() -> None:
-    # Credentials read back 10 minutes into a 1 h session: 50 min left -> 15 min window.
-    entry = plan_entry(creds(NOW + 3000), NOW, rng=random.Random(3))
+def test_plan_entry_lifetime_sizes_the_window_not_what_is_left() -> None:
+    # Read from the store 10 minutes into a 1 h session: 50 min left, still a 15 min window.
+    entry = plan(3000, 3, lifetime=3600)
     assert 0.75 * 900 <= entry.expires_at - entry.refresh_at <= 900
-    # With the whole lifetime given (43200) the 60 min window applies instead.
-    entry = plan_entry(creds(NOW + 3000), NOW, lifetime=43200, rng=random.Random(3))
-    assert 0.75 * 3600 <= entry.expires_at - entry.refresh_at <= 3600
+    # With the whole lifetime given (43200) the 60 min window applies instead: it has begun
+    # already, so the refresh comes after half the usable life, not at once.
+    entry = plan(3000, 3, lifetime=43200)
+    assert entry.refresh_at == NOW + (3000 - MANDATORY_WINDOW) / 2
+    # Without it, what is left sizes the window.
+    entry = plan(3000, 3)
+    assert 0.75 * 900 <= entry.expires_at - entry.refresh_at <= 900
+
+
+def test_plan_entry_advisory_override() -> None:
+    for seed in range(100):
+        entry = plan(3600, seed, advisory=120.0)
+        assert 90 <= entry.expires_at - entry.refresh_at <= 120
 
 
 def test_plan_entry_900s_session_is_not_due_at_once() -> None:
     for seed in range(200):
-        entry = plan_entry(creds(NOW + 900), NOW, lifetime=900, rng=random.Random(seed))
         # At least 10 minutes of plain hits before the first refresh.
-        assert entry.refresh_at - NOW >= 600
+        assert plan(900, seed, lifetime=900).refresh_at - NOW >= 600
+
+
+@pytest.mark.parametrize(
+    "remaining", [65, 66, 70, 90, 120, 200, 300, 301, 360, 899, 900, 1201, 3600]
+)
+def test_plan_entry_never_refreshes_before_half_the_usable_life(remaining: int) -> None:
+    # The storm: an STS granting less than the advisory window used to give entries born
+    # inside it, so every call refreshed. Now at most one refresh per max(5 s, usable / 2).
+    usable = remaining - MANDATORY_WINDOW
+    for seed in range(300):
+        entry = plan(remaining, seed)
+        assert entry.refresh_at - NOW >= min(max(MIN_REFRESH_INTERVAL, usable / 2), usable)
+        assert entry.refresh_at <= entry.mandatory_at
+
+
+def test_plan_entry_with_nothing_usable_is_due_at_once() -> None:
+    # 60 s or less left: the broker refuses such answers; the plan itself stays ordered.
+    entry = plan(50)
+    assert entry.refresh_at == entry.mandatory_at < NOW
 
 
 def test_cache_entry_repr_has_no_secret() -> None:
@@ -130,43 +161,21 @@ def test_cache_entry_repr_has_no_secret() -> None:
     assert "refresh_at=" in text
 
 
-# -- retry_delay ---------------------------------------------------------------------------
+# -- refresh_backoff -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("failures", [0, 1, 2, 3, 5, 8, 20, 100])
-def test_retry_delay_bounds(failures: int) -> None:
-    rng = random.Random(failures)
-    for _ in range(500):
-        # Plenty of time before the mandatory window: the cap applies.
-        delay = retry_delay(failures, NOW, NOW + 100_000, rng=rng)
-        assert MIN_RETRY_DELAY <= delay <= MAX_RETRY_DELAY
+def test_refresh_backoff_defaults_to_the_sep_300_to_600_s() -> None:
+    assert DEFAULT_REFRESH_BACKOFF == (300.0, 600.0)
+    rng = random.Random(5)
+    delays = [refresh_backoff(NOW, rng=rng) - NOW for _ in range(2000)]
+    assert all(300 <= d <= 600 for d in delays)
+    assert min(delays) < 310 and max(delays) > 590  # jittered over the whole range
 
 
-def test_retry_delay_grows_exponentially_until_the_cap() -> None:
-    far = NOW + 100_000
-    # failures=1: 5-10 s; failures=2: 10-20 s; failures=3: 20-40 s; failures=7+: capped at 300.
-    for failures, (low, high) in {1: (5, 10), 2: (10, 20), 3: (20, 40), 4: (40, 80)}.items():
-        rng = random.Random(failures)
-        for _ in range(200):
-            assert low <= retry_delay(failures, NOW, far, rng=rng) <= high
-    assert retry_delay(10, NOW, far, rng=random.Random(0)) == MAX_RETRY_DELAY
-
-
-@pytest.mark.parametrize("left", [10.0, 30.0, 120.0, 600.0, 3000.0])
-def test_retry_delay_leaves_time_before_mandatory(left: float) -> None:
-    rng = random.Random(int(left))
-    for failures in range(1, 12):
-        delay = retry_delay(failures, NOW, NOW + left, rng=rng)
-        assert delay >= MIN_RETRY_DELAY
-        # At most half the time left, so at least one more try fits before the window.
-        assert NOW + delay <= NOW + left / 2 + 1e-9
-        assert NOW + delay < NOW + left
-
-
-def test_retry_delay_floor_wins_when_time_is_short() -> None:
-    # Less than 2 * MIN_RETRY_DELAY left: still never retried more often than every 5 s.
-    assert retry_delay(1, NOW, NOW + 4, rng=random.Random(0)) == MIN_RETRY_DELAY
-    assert retry_delay(1, NOW, NOW, rng=random.Random(0)) == MIN_RETRY_DELAY
+def test_refresh_backoff_is_configurable() -> None:
+    rng = random.Random(6)
+    assert all(10 <= refresh_backoff(NOW, (10.0, 20.0), rng) - NOW <= 20 for _ in range(500))
+    assert refresh_backoff(NOW, (7.0, 7.0), rng) == NOW + 7
 
 
 # -- L1Cache -------------------------------------------------------------------------------
@@ -179,7 +188,7 @@ def test_l1_cache_validates_size(bad: object) -> None:
 
 
 def entry() -> CacheEntry:
-    return plan_entry(creds(NOW + 3600), NOW, rng=random.Random(0))
+    return plan(3600)
 
 
 def test_l1_cache_is_bounded_and_evicts_the_entry_refreshed_longest_ago() -> None:

@@ -5,11 +5,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import random
 import re
+import string
+from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stscreds._roles import RESERVED_CLAIMS, Role, identity_key, sanitize_session_name
 
@@ -589,3 +595,767 @@ def test_sanitize_session_name_pads_short_values() -> None:
 def test_sanitize_session_name_is_deterministic() -> None:
     for value in SESSION_NAME_INPUTS:
         assert sanitize_session_name(value) == sanitize_session_name(value)
+
+
+# --- properties (hypothesis) -----------------------------------------------------------------
+
+
+def policy_with_number(literal: str) -> str:
+    """POLICY as JSON text with one condition number written exactly as ``literal``."""
+    condition = {"NumericLessThan": {"s3:max-keys": "NUMBER"}}
+    statement = {**POLICY["Statement"][0], "Condition": condition}
+    return json.dumps({**POLICY, "Statement": [statement]}).replace('"NUMBER"', literal)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        pytest.param("1e400", "1e999", id="both-beyond-float-range"),
+        pytest.param("10.00000000000000001", "10.0", id="beyond-float-precision"),
+        pytest.param("9007199254740993.0", "9007199254740992.0", id="beyond-2**53"),
+        pytest.param("10", '"10"', id="number-vs-string"),
+    ],
+)
+def test_policies_differing_only_in_a_number_are_different_identities(
+    first: str, second: str
+) -> None:
+    one = Role(ARN, policy=policy_with_number(first))
+    other = Role(ARN, policy=policy_with_number(second))
+    assert one.policy == policy_with_number(first)  # STS gets the text as given
+    assert one != other
+    assert key_of(one) != key_of(other)
+
+
+@pytest.mark.parametrize(
+    "spellings",
+    [
+        pytest.param(["10", "10.0", "1e1", "1.0E+1", "100e-1", "0.1e2", "1E01"], id="ten"),
+        pytest.param(["0", "-0", "0.0", "-0.0", "0e5", "0E-7"], id="zero"),
+    ],
+)
+def test_spellings_of_one_number_value_are_one_identity(spellings: list[str]) -> None:
+    texts = [policy_with_number(spelling) for spelling in spellings]
+    # The same documents as dicts: json.loads gives int 10 or float 10.0 / -0.0, and so on.
+    roles = [Role(ARN, policy=text) for text in texts]
+    roles += [Role(ARN, policy=json.loads(text)) for text in texts]
+    assert all(role == roles[0] for role in roles)
+    assert len({hash(role) for role in roles}) == 1
+    assert len({key_of(role) for role in roles}) == 1
+
+
+# No example database: .hypothesis/ is not in .gitignore (failures print their example).
+PROPERTY_SETTINGS = settings(max_examples=200, deadline=None, database=None)
+
+NAME_CHARS = string.ascii_letters + string.digits + "_+=,.@-"
+UNICODE = st.characters(codec="utf-8")  # every code point except (lone) surrogates
+json_keys = st.text(UNICODE, max_size=8)
+json_strings = st.text(UNICODE, max_size=12)
+
+role_arns = st.builds(
+    "arn:{}:iam::{}:role/{}{}".format,
+    st.sampled_from(["aws", "aws-cn", "aws-us-gov"]),
+    st.text(string.digits, min_size=12, max_size=12),
+    st.one_of(  # the path: none, "/" or "[/]a/b/"
+        st.just(""),
+        st.just("/"),
+        st.builds(
+            lambda lead, parts: lead + "".join(part + "/" for part in parts),
+            st.sampled_from(["", "/"]),
+            st.lists(st.text(NAME_CHARS, min_size=1, max_size=12), min_size=1, max_size=3),
+        ),
+    ),
+    st.text(NAME_CHARS, min_size=1, max_size=64),
+)
+subjects = st.text(
+    st.characters(codec="utf-8", exclude_categories=("Cc",)), min_size=1, max_size=255
+)
+session_names = st.text(NAME_CHARS, min_size=2, max_size=64)
+durations = st.integers(900, 43200)
+broker_texts = st.text(UNICODE, max_size=40)
+
+
+def exact_number(sign: int, digits: list[int], exponent: int) -> Decimal:
+    return Decimal((sign, tuple(digits), exponent))
+
+
+#: Finite JSON numbers as exact Decimals: ints, floats (their shortest text), and numbers no
+#: float holds (long, huge or tiny).
+json_numbers = st.one_of(
+    st.integers().map(Decimal),
+    st.floats(allow_nan=False, allow_infinity=False).map(lambda f: Decimal(repr(f))),
+    st.builds(
+        exact_number,
+        st.integers(0, 1),
+        st.lists(st.integers(0, 9), min_size=1, max_size=30),
+        st.integers(-1000, 1000),
+    ),
+)
+
+
+def json_trees(leaves: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.recursive(
+        leaves,
+        lambda children: (
+            st.lists(children, max_size=4) | st.dictionaries(json_keys, children, max_size=4)
+        ),
+        max_leaves=8,
+    )
+
+
+#: Policies as JSON documents: dicts, lists, str, bool, None, and Decimal numbers.
+policy_documents = st.dictionaries(
+    json_keys, json_trees(st.none() | st.booleans() | json_numbers | json_strings), max_size=5
+)
+claim_values = json_trees(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | json_strings
+)
+claim_maps = st.dictionaries(
+    json_keys.filter(lambda name: name not in RESERVED_CLAIMS), claim_values, max_size=5
+)
+
+JSON_SPACE = ["", "", "", " ", "  ", "\n", "\n    ", "\t", "\r\n"]
+
+
+def spell_number(value: Decimal, rnd: random.Random) -> str:
+    """A JSON number literal of exactly ``value``'s value, spelled one of many ways."""
+    sign, digit_tuple, exponent = value.as_tuple()
+    assert isinstance(exponent, int)
+    digits = "".join(map(str, digit_tuple)).lstrip("0")
+    if not digits:  # zero: any sign, exponent and number of fraction zeros
+        sign, exponent = rnd.randint(0, 1), rnd.randint(-5, 5)
+        mantissa = "0" + rnd.choice(["", ".0", ".000"])
+    else:
+        zeros = rnd.choice([0, 0, 1, 4])
+        digits += "0" * zeros
+        exponent -= zeros
+        # The value is digits * 10**exponent; write it as mantissa * 10**shown.
+        shown = rnd.choice(
+            [
+                0,
+                exponent,
+                exponent + len(digits) - 1,
+                exponent + rnd.randint(-3, len(digits) + 3),
+            ]
+        )
+        if abs(exponent - shown) > 30:  # keep the text short
+            shown = exponent
+        shift = exponent - shown
+        if shift >= 0:
+            mantissa = digits + "0" * shift + rnd.choice(["", "", ".0", ".00"])
+        else:
+            padded = digits.rjust(1 - shift, "0")
+            mantissa = padded[:shift] + "." + padded[shift:]
+        exponent = shown
+    if exponent == 0 and rnd.random() < 0.5:
+        suffix = ""
+    else:
+        suffix = (
+            rnd.choice("eE")
+            + ("-" if exponent < 0 else rnd.choice(["", "+"]))
+            + rnd.choice(["", "0"])
+            + str(abs(exponent))
+        )
+    return ("-" if sign else "") + mantissa + suffix
+
+
+def render_json(value: Any, rnd: random.Random) -> str:
+    """JSON text of ``value`` with random spacing, key order, escapes and number spellings."""
+
+    def space() -> str:
+        return rnd.choice(JSON_SPACE)
+
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        value = Decimal(repr(value))
+    if isinstance(value, Decimal):
+        return spell_number(value, rnd)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=rnd.random() < 0.5)
+    if isinstance(value, list | tuple):
+        items = [space() + render_json(item, rnd) + space() for item in value]
+        return "[" + (",".join(items) or space()) + "]"
+    pairs = list(value.items())
+    rnd.shuffle(pairs)
+    items = [
+        space() + render_json(name, rnd) + space() + ":" + space() + render_json(item, rnd)
+        for name, item in pairs
+    ]
+    return "{" + (",".join(item + space() for item in items) or space()) + "}"
+
+
+class NotPython(Exception):
+    """A number of the document that no Python int or float writes as json.dumps text."""
+
+
+def as_python(value: Any, rnd: random.Random) -> Any:
+    """``value`` with int or float numbers that json.dumps writes as the same values."""
+    if isinstance(value, Decimal):
+        choices: list[Any] = []
+        if value == value.to_integral_value() and value.adjusted() < 400:
+            choices.append(int(value))
+        as_float = float(value)
+        if math.isfinite(as_float) and Decimal(repr(as_float)) == value:
+            choices.append(as_float)
+        if not choices:
+            raise NotPython
+        return rnd.choice(choices)
+    if isinstance(value, list):
+        return [as_python(item, rnd) for item in value]
+    if isinstance(value, dict):
+        pairs = list(value.items())
+        rnd.shuffle(pairs)
+        return {name: as_python(item, rnd) for name, item in pairs}
+    return value
+
+
+def render_policy(document: Any, rnd: random.Random) -> Any:
+    """``document`` as a Role's policy argument: a dict of Python values, or JSON text."""
+    if document is None:
+        return None
+    if rnd.random() < 0.4:
+        with contextlib.suppress(NotPython):
+            return as_python(document, rnd)
+    return rnd.choice(JSON_SPACE) + render_json(document, rnd) + rnd.choice(JSON_SPACE)
+
+
+def reshuffle(value: Any, rnd: random.Random) -> Any:
+    """``value`` with dict keys in another order and some lists as tuples (one JSON value)."""
+    if isinstance(value, dict):
+        pairs = list(value.items())
+        rnd.shuffle(pairs)
+        return {name: reshuffle(item, rnd) for name, item in pairs}
+    if isinstance(value, list | tuple):
+        items = [reshuffle(item, rnd) for item in value]
+        return tuple(items) if rnd.random() < 0.5 else items
+    return value
+
+
+def json_document(value: Any) -> Any:
+    """A parsed JSON value, comparable exactly: numbers (Decimal) by value, true is not 1."""
+    if value is None or isinstance(value, bool):
+        return ("literal", value)
+    if isinstance(value, Decimal):
+        return ("number", value)
+    if isinstance(value, str):
+        return ("string", value)
+    if isinstance(value, list):
+        return ("array", [json_document(item) for item in value])
+    return ("object", {name: json_document(item) for name, item in value.items()})
+
+
+def policy_document(policy: Any) -> Any:
+    """The JSON document STS receives for a policy argument."""
+    if policy is None:
+        return None
+    text = policy if isinstance(policy, str) else json.dumps(policy)
+    return json_document(json.loads(text, parse_float=Decimal, parse_int=Decimal))
+
+
+def claims_text(claims: Any) -> str | None:
+    # JSON text, not Python equality: 1, 1.0 and True are equal in Python, not in a JWT.
+    return None if claims is None else json.dumps(claims, sort_keys=True)
+
+
+@dataclasses.dataclass
+class KeyInput:
+    """Everything identity_key depends on: a Role's arguments and the broker's settings."""
+
+    arn: str
+    subject: str | None
+    session_name: str | None
+    duration_seconds: int
+    policy: Any
+    claims: Any
+    issuer: str
+    audience: str
+    sts_endpoint: str
+    region: str
+    default_subject: str
+
+    def role(self) -> Role:
+        return Role(
+            self.arn,
+            self.subject,
+            self.session_name,
+            self.duration_seconds,
+            self.policy,
+            self.claims,
+        )
+
+    def key(self) -> str:
+        return identity_key(
+            self.role(),
+            issuer=self.issuer,
+            audience=self.audience,
+            sts_endpoint=self.sts_endpoint,
+            region=self.region,
+            default_subject=self.default_subject,
+        )
+
+    def role_fields(self) -> tuple[Any, ...]:
+        """Equal exactly for equal Roles (the subject and session name as given)."""
+        return (
+            self.arn,
+            self.subject,
+            self.session_name,
+            self.duration_seconds,
+            policy_document(self.policy),
+            claims_text(self.claims),
+        )
+
+    def identity(self) -> tuple[Any, ...]:
+        """Equal exactly for one identity; defined without the code under test's encoding."""
+        subject = self.subject or self.default_subject
+        session_name = self.session_name or sanitize_session_name(subject)
+        return (
+            self.arn,
+            subject,
+            session_name,
+            self.duration_seconds,
+            policy_document(self.policy),
+            claims_text(self.claims),
+            self.issuer,
+            self.audience,
+            self.sts_endpoint,
+            self.region,
+        )
+
+
+# Small pools, so that two independent draws are often one identity (or one Role).
+SMALL_DOMAIN: dict[str, list[Any]] = {
+    "arn": [ARN, OTHER_ARN],
+    "subject": [None, "alice", "bob", "Alice Smith"],
+    "session_name": [None, "alice", "Alice-Smith"],
+    "duration_seconds": [900, 3600],
+    "policy": [
+        None,
+        {},
+        POLICY,
+        {"n": Decimal("10")},
+        {"n": Decimal("1E+1")},
+        {"n": Decimal("10.00000000000000001")},
+        {"n": "10"},
+        {"n": Decimal("1e400")},
+        {"n": Decimal("1e999")},
+        {"n": Decimal("9007199254740993")},
+        {"n": Decimal("9007199254740992")},
+        {"n": True},
+        {"n": Decimal(1)},
+        {"n": None},
+        {"n": [Decimal(0), "a"]},
+        {"n": [Decimal("-0.0"), "a"]},
+    ],
+    "claims": [
+        None,
+        {},
+        {"team": "a"},
+        {"team": "b"},
+        {"n": 1},
+        {"n": 1.0},
+        {"n": True},
+        {"n": "1"},
+        {"x": {"a": 1, "b": [1, 2]}},
+        {"x": {"b": [1, 2], "a": 1}},
+    ],
+    "issuer": ["https://a.example.com", "https://b.example.com"],
+    "audience": ["sts.amazonaws.com", "other"],
+    "sts_endpoint": ["https://sts.amazonaws.com", "https://sts.eu-west-1.amazonaws.com"],
+    "region": ["us-east-1", "eu-west-1"],
+    "default_subject": ["alice", "stscreds"],
+}
+
+
+def small_input(choice: dict[str, int], rnd: random.Random) -> KeyInput:
+    values = {name: pool[choice[name]] for name, pool in SMALL_DOMAIN.items()}
+    values["policy"] = render_policy(values["policy"], rnd)
+    values["claims"] = reshuffle(values["claims"], rnd)
+    return KeyInput(**values)
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data(), rnd=st.randoms(use_true_random=False))
+def test_identity_key_is_equal_exactly_for_one_identity(
+    data: st.DataObject, rnd: random.Random
+) -> None:
+    first = {name: data.draw(st.sampled_from(range(len(p)))) for name, p in SMALL_DOMAIN.items()}
+    redrawn = data.draw(st.sets(st.sampled_from(sorted(SMALL_DOMAIN)), max_size=3))
+    second = {
+        name: data.draw(st.sampled_from(range(len(SMALL_DOMAIN[name])))) if name in redrawn else i
+        for name, i in first.items()
+    }
+    one, other = small_input(first, rnd), small_input(second, rnd)
+    assert (one.key() == other.key()) == (one.identity() == other.identity())
+    role, other_role = one.role(), other.role()
+    assert (role == other_role) == (one.role_fields() == other.role_fields())
+    if role == other_role:
+        assert hash(role) == hash(other_role)
+
+
+@dataclasses.dataclass
+class Case:
+    """A KeyInput and the policy document and claims its policy and claims are renderings of."""
+
+    input: KeyInput
+    document: Any  # JSON tree with Decimal numbers, or None
+    claims: Any  # plain dicts and lists, or None
+
+
+@st.composite
+def cases(draw: st.DrawFn, rnd: random.Random) -> Case:
+    document = draw(st.none() | policy_documents)
+    claims = draw(st.none() | claim_maps)
+    key_input = KeyInput(
+        arn=draw(role_arns),
+        subject=draw(st.none() | subjects),
+        session_name=draw(st.none() | session_names),
+        duration_seconds=draw(durations),
+        policy=render_policy(document, rnd),
+        claims=reshuffle(claims, rnd),
+        issuer=draw(broker_texts),
+        audience=draw(broker_texts),
+        sts_endpoint=draw(broker_texts),
+        region=draw(broker_texts),
+        default_subject=draw(subjects),
+    )
+    return Case(key_input, document, claims)
+
+
+REWRITES = [
+    "policy",
+    "claims",
+    "implicit-subject",
+    "implicit-session-name",
+    "unused-default-subject",
+]
+
+
+def rewritten(case: Case, how: str, data: st.DataObject, rnd: random.Random) -> Case:
+    """``case`` with its inputs written another way that names the same identity."""
+    key_input = case.input
+    subject = key_input.subject or key_input.default_subject
+    if how == "policy":
+        changes: dict[str, Any] = {"policy": render_policy(case.document, rnd)}
+    elif how == "claims":
+        changes = {"claims": reshuffle(case.claims, rnd)}
+    elif how == "implicit-subject":  # the default subject is the subject sent
+        if key_input.subject is None:
+            changes = {"subject": key_input.default_subject}
+        else:
+            changes = {"subject": None, "default_subject": key_input.subject}
+    elif how == "implicit-session-name":  # the session name derived from the subject
+        implied = sanitize_session_name(subject)
+        if key_input.session_name is None:
+            changes = {"session_name": implied}
+        else:
+            changes = {"session_name": None} if key_input.session_name == implied else {}
+    else:  # unused-default-subject
+        changes = {"default_subject": data.draw(subjects)} if key_input.subject else {}
+    return dataclasses.replace(case, input=dataclasses.replace(key_input, **changes))
+
+
+def node_paths(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    yield path
+    if isinstance(value, dict):
+        for name, item in value.items():
+            yield from node_paths(item, (*path, name))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from node_paths(item, (*path, index))
+
+
+def replaced(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = replaced(value[path[0]], path[1:], new)
+    return copy
+
+
+def nudged(number: Decimal) -> Decimal:
+    """A number that differs from ``number`` only far beyond any float's precision."""
+    sign, digits, exponent = number.as_tuple()
+    assert isinstance(exponent, int)
+    return Decimal((sign, (*digits, *(0,) * 20, 1), exponent - 21))
+
+
+def different_json(value: Any, data: st.DataObject, number: type) -> Any:
+    """A JSON value unlike ``value``; new numbers are ``number`` (Decimal or int)."""
+    options: list[Any]
+    if value is None:
+        options = [False, number(0), "null"]
+    elif isinstance(value, bool):
+        options = [not value, number(int(value)), str(value).lower()]
+    elif isinstance(value, Decimal):
+        options = [nudged(value), str(value)]
+        if not value.is_zero():
+            sign, digits, exponent = value.as_tuple()
+            assert isinstance(exponent, int)
+            options += [Decimal((sign, digits, exponent + 1)), -value]
+    elif isinstance(value, int):
+        options = [value + 1, str(value)] + ([float(value)] if abs(value) < 2**53 else [])
+    elif isinstance(value, float):
+        options = [math.nextafter(value, 0.0) if value else 5e-324, repr(value)]
+        options += [int(value)] if value.is_integer() else []
+    elif isinstance(value, str):
+        options = [value + "x", None, value[:-1] if value else number(0)]
+    elif isinstance(value, list):
+        options = [[*value, None], value[:-1] if value else {}]
+    else:
+        extra = data.draw(
+            json_keys.filter(lambda name: name not in value and name not in RESERVED_CLAIMS)
+        )
+        options = [{**value, extra: None}, dict(list(value.items())[:-1]) if value else []]
+    return data.draw(st.sampled_from(options))
+
+
+def different_tree(value: Any, data: st.DataObject, number: type) -> Any:
+    """``value`` (a JSON object) with one node replaced by a different JSON value."""
+    path = data.draw(st.sampled_from(list(node_paths(value))))
+    new = different_json(_at(value, path), data, number)
+    if not path and not isinstance(new, dict):  # the root stays an object
+        return {**value, "x" + "".join(value): None}
+    return replaced(value, path, new)
+
+
+def _at(value: Any, path: tuple[Any, ...]) -> Any:
+    for step in path:
+        value = value[step]
+    return value
+
+
+CHANGES = [
+    "arn",
+    "subject",
+    "default_subject",
+    "session_name",
+    "duration_seconds",
+    "policy",
+    "claims",
+    "issuer",
+    "audience",
+    "sts_endpoint",
+    "region",
+]
+
+
+def changed(case: Case, what: str, data: st.DataObject, rnd: random.Random) -> Case:
+    """``case`` with one input changed so that it names another identity."""
+    key_input = case.input
+    subject = key_input.subject or key_input.default_subject
+    session_name = key_input.session_name or sanitize_session_name(subject)
+    document, claims = case.document, case.claims
+    if what == "subject":
+        changes: dict[str, Any] = {"subject": data.draw(subjects.filter(lambda s: s != subject))}
+    elif what == "default_subject":  # the subject sent is the (changed) default
+        other = data.draw(subjects.filter(lambda s: s != subject))
+        changes = {"subject": None, "default_subject": other}
+    elif what == "session_name":
+        changes = {"session_name": data.draw(session_names.filter(lambda s: s != session_name))}
+    elif what == "duration_seconds":
+        changes = {what: data.draw(durations.filter(lambda d: d != key_input.duration_seconds))}
+    elif what == "arn":
+        changes = {what: data.draw(role_arns.filter(lambda arn: arn != key_input.arn))}
+    elif what == "policy":
+        document = {} if document is None else different_tree(document, data, Decimal)
+        if data.draw(st.booleans()) and case.document is not None:
+            document = None
+        changes = {"policy": render_policy(document, rnd)}
+    elif what == "claims":
+        claims = {} if claims is None else different_tree(claims, data, int)
+        if data.draw(st.booleans()) and case.claims is not None:
+            claims = None
+        changes = {"claims": reshuffle(claims, rnd)}
+    else:  # a broker input
+        old = getattr(key_input, what)
+        changes = {what: data.draw(broker_texts.filter(lambda text: text != old))}
+    return Case(dataclasses.replace(key_input, **changes), document, claims)
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data(), rnd=st.randoms(use_true_random=False))
+def test_identity_key_is_kept_by_rewrites_of_the_same_inputs(
+    data: st.DataObject, rnd: random.Random
+) -> None:
+    case = data.draw(cases(rnd))
+    other = case
+    for how in data.draw(st.lists(st.sampled_from(REWRITES), min_size=1, max_size=4)):
+        other = rewritten(other, how, data, rnd)
+    assert other.input.identity() == case.input.identity()  # the rewrite is one by definition
+    assert other.input.key() == case.input.key()
+    one, another = case.input.role(), other.input.role()
+    assert (one == another) == (case.input.role_fields() == other.input.role_fields())
+    if one == another:
+        assert hash(one) == hash(another)
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data(), rnd=st.randoms(use_true_random=False), what=st.sampled_from(CHANGES))
+def test_identity_key_is_changed_by_any_change_of_one_input(
+    data: st.DataObject, rnd: random.Random, what: str
+) -> None:
+    case = data.draw(cases(rnd))
+    other = changed(case, what, data, rnd)
+    # ...however the changed inputs are written.
+    for how in data.draw(st.lists(st.sampled_from(REWRITES), max_size=3)):
+        other = rewritten(other, how, data, rnd)
+    assert other.input.identity() != case.input.identity()  # the change is one by definition
+    assert other.input.key() != case.input.key()
+
+
+@PROPERTY_SETTINGS
+@given(
+    data=st.data(),
+    rnd=st.randoms(use_true_random=False),
+    field=st.sampled_from(["issuer", "audience", "sts_endpoint", "region"]),
+)
+def test_identity_key_changes_with_each_broker_input(
+    data: st.DataObject, rnd: random.Random, field: str
+) -> None:
+    key_input = data.draw(cases(rnd)).input
+    old = getattr(key_input, field)
+    new = data.draw(broker_texts.filter(lambda text: text != old))
+    assert dataclasses.replace(key_input, **{field: new}).key() != key_input.key()
+
+
+junk = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=20),
+    st.binary(max_size=8),
+    st.lists(st.integers() | st.text(max_size=5), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5), max_size=3),
+)
+#: JSON number literals of any size, exponents far beyond what a float (or Decimal) holds.
+number_literals = st.from_regex(
+    r"-?(0|[1-9][0-9]{0,30})(\.[0-9]{1,30})?([eE][+-]?[0-9]{1,25})?", fullmatch=True
+)
+junk_policies = st.one_of(
+    junk,
+    st.text(max_size=40),
+    number_literals.map(lambda number: '{"n": ' + number + "}"),
+    st.builds(render_json, policy_documents, st.randoms(use_true_random=False)),
+    st.sampled_from(
+        [
+            "[]",
+            '"{}"',
+            '{"a": NaN}',
+            '{"a": -Infinity}',
+            '{"a": 1, "a": 1}',
+            '{"a": "\\ud800"}',
+            "{\"a\": '1'}",
+            '{"a": 01}',
+            '{"a": 1.}',
+        ]
+    ),
+    st.dictionaries(
+        st.text(max_size=5) | st.integers(-2, 2) | st.none() | st.booleans(),
+        st.floats()
+        | st.text(max_size=5)
+        | st.integers()
+        | st.sets(st.integers(), max_size=2)
+        | st.just(Decimal(1))
+        | st.just(10**5000)
+        | json_trees(st.integers() | st.text(max_size=3)),
+        max_size=3,
+    ),
+)
+junk_claims = st.one_of(
+    junk,
+    claim_maps,
+    st.dictionaries(
+        st.sampled_from(sorted(RESERVED_CLAIMS)) | st.text(max_size=5) | st.integers(),
+        st.floats()
+        | st.text(max_size=5)
+        | st.integers()
+        | st.sets(st.integers(), max_size=2)
+        | st.just(10**5000)
+        | claim_values,
+        max_size=3,
+    ),
+)
+junk_arns = st.one_of(
+    role_arns,
+    st.builds(
+        lambda arn, at, text: arn[:at] + text + arn[at:],
+        role_arns,
+        st.integers(0, 100),
+        st.text(max_size=2),
+    ),
+    st.text(max_size=80),
+    junk,
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    arn=junk_arns,
+    subject=st.one_of(st.none(), subjects, st.text(st.characters(), max_size=300), junk),
+    session_name=st.one_of(st.none(), session_names, st.text(max_size=70), junk),
+    duration_seconds=st.one_of(durations, st.integers(), junk),
+    policy=st.one_of(st.none(), junk_policies),
+    claims=st.one_of(st.none(), junk_claims),
+)
+def test_role_validation_raises_only_value_error(
+    arn: Any, subject: Any, session_name: Any, duration_seconds: Any, policy: Any, claims: Any
+) -> None:
+    arguments = (arn, subject, session_name, duration_seconds, policy, claims)
+    try:
+        role = Role(*arguments)
+    except ValueError:
+        return
+    key = identity_key(role, **KEY_DEFAULTS)
+    assert re.fullmatch(r"[0-9a-f]{64}", key)
+    again = Role(*arguments)
+    assert again == role
+    assert hash(again) == hash(role)
+    assert identity_key(again, **KEY_DEFAULTS) == key
+
+
+#: Distinctive values: "§" appears in no ARN, session name, subject or claim name below.
+secrets = st.text(string.ascii_letters + string.digits, min_size=8, max_size=16).map("§{}§".format)
+
+
+def hiding(markers: list[str]) -> st.SearchStrategy[Any]:
+    """JSON values holding some of ``markers`` as strings and as (nested) object keys."""
+    names = st.text(NAME_CHARS, min_size=1, max_size=6) | st.sampled_from(markers)
+    return st.recursive(
+        st.sampled_from(markers),
+        lambda children: (
+            st.lists(children, min_size=1, max_size=3)
+            | st.dictionaries(names, children, min_size=1, max_size=3)
+        ),
+        max_leaves=6,
+    )
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data(), rnd=st.randoms(use_true_random=False))
+def test_repr_never_shows_policy_or_claim_values(data: st.DataObject, rnd: random.Random) -> None:
+    markers = data.draw(st.lists(secrets, min_size=1, max_size=4, unique=True))
+    names = st.text(NAME_CHARS, min_size=1, max_size=8)
+    policy = data.draw(st.dictionaries(names | st.sampled_from(markers), hiding(markers)))
+    claims = data.draw(
+        st.dictionaries(names.filter(lambda n: n not in RESERVED_CLAIMS), hiding(markers))
+    )
+    subject_chars = st.characters(codec="utf-8", exclude_categories=("Cc",), exclude_characters="§")
+    role = Role(
+        data.draw(role_arns),
+        subject=data.draw(st.none() | st.text(subject_chars, min_size=1, max_size=40)),
+        session_name=data.draw(st.none() | session_names),
+        duration_seconds=data.draw(durations),
+        policy=render_policy(policy, rnd),
+        claims=claims,
+    )
+    for text in (repr(role), str(role)):
+        assert role.arn in text
+        for marker in markers:
+            assert marker not in text

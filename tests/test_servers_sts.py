@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import re
 import threading
@@ -17,9 +18,10 @@ import jwt
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
+from botocore.parsers import ResponseParserError
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from servers.sts import StrictSTS
+from servers.sts import StrictSTS, build_success_xml
 
 ROLE = "arn:aws:iam::123456789012:role/app/reader"
 ISSUER = "http://127.0.0.1:1/issuer"
@@ -139,6 +141,7 @@ def test_valid_token_yields_credentials(
     assert rec.token_header == {"alg": alg, "kid": kid, "typ": "JWT"}
     assert rec.credentials is not None
     assert rec.credentials["AccessKeyId"] == creds["AccessKeyId"]
+    assert rec.expiration == exp.timestamp()
     strict_sts.reset()
     assert (strict_sts.calls, strict_sts.successes, strict_sts.requests) == (0, 0, [])
 
@@ -154,6 +157,163 @@ def test_injected_clock_drives_expiry_and_expiration(strict_sts: StrictSTS, sts:
     with pytest.raises(ClientError) as exc:
         assume(sts, make_token(now=fake_now - 301))
     assert exc.value.response["Error"]["Message"] == "Token is expired"
+
+
+def date_header(resp: dict[str, Any]) -> datetime | None:
+    date = resp["ResponseMetadata"]["HTTPHeaders"].get("date")
+    return None if date is None else email.utils.parsedate_to_datetime(date)
+
+
+@pytest.mark.parametrize("skew", [600, -600], ids=["sts-ahead", "sts-behind"])
+def test_date_header_follows_injected_clock(strict_sts: StrictSTS, sts: Any, skew: float) -> None:
+    strict_sts.clock = lambda: time.time() + skew
+    resp = assume(sts, make_token(now=time.time() + skew))
+    date = date_header(resp)
+    assert date is not None
+    assert abs(date.timestamp() - (time.time() + skew)) < 5
+    assert abs(resp["Credentials"]["Expiration"].timestamp() - date.timestamp() - 3600) < 5
+
+    strict_sts.fail_next()  # error answers carry the skewed Date too
+    with pytest.raises(ClientError) as exc:
+        assume(sts, make_token(now=time.time() + skew))
+    date = date_header(exc.value.response)
+    assert date is not None and abs(date.timestamp() - (time.time() + skew)) < 5
+
+
+def test_send_date_false_omits_date_header(strict_sts: StrictSTS, sts: Any) -> None:
+    assert date_header(assume(sts, make_token())) is not None
+    strict_sts.send_date = False
+    resp = assume(sts, make_token())
+    assert "date" not in resp["ResponseMetadata"]["HTTPHeaders"]
+    assert resp["ResponseMetadata"]["HTTPHeaders"]["server"]  # only Date is dropped
+    strict_sts.fail_next()
+    with pytest.raises(ClientError) as exc:
+        assume(sts, make_token())
+    assert "date" not in exc.value.response["ResponseMetadata"]["HTTPHeaders"]
+    strict_sts.send_date = True
+    assert date_header(assume(sts, make_token())) is not None
+
+
+def test_grant_seconds_caps_granted_lifetime(strict_sts: StrictSTS, sts: Any) -> None:
+    fake_now = 2_000_000_000.0
+    strict_sts.clock = lambda: fake_now
+    strict_sts.grant_seconds = 1000
+    for requested, granted in ((3600, 1000), (900, 900)):
+        resp = assume(sts, make_token(now=fake_now), DurationSeconds=requested)
+        assert resp["Credentials"]["Expiration"].timestamp() == fake_now + granted
+        rec = strict_sts.requests[-1]
+        assert (rec.duration, rec.expiration) == (requested, fake_now + granted)
+    strict_sts.grant_seconds = None
+    resp = assume(sts, make_token(now=fake_now), DurationSeconds=3600)
+    assert resp["Credentials"]["Expiration"].timestamp() == fake_now + 3600
+
+
+def test_expiration_callable_wins_over_grant_seconds(strict_sts: StrictSTS, sts: Any) -> None:
+    fake_now = 2_000_000_000.0
+    strict_sts.clock = lambda: fake_now
+    strict_sts.grant_seconds = 1000
+    seen: list[tuple[float, int]] = []
+    # Already expired, inside the last minute, and fractional (answered to the second).
+    cases = [(-5, fake_now - 5), (30, fake_now + 30), (59.9, fake_now + 59)]
+
+    def expiration(now: float, duration: int) -> float:
+        seen.append((now, duration))
+        return now + cases[len(seen) - 1][0]
+
+    strict_sts.expiration = expiration
+    for _, answered in cases:
+        resp = assume(sts, make_token(now=fake_now), DurationSeconds=7200)
+        assert resp["Credentials"]["Expiration"].timestamp() == answered
+        assert strict_sts.requests[-1].expiration == answered
+    assert seen == [(fake_now, 7200)] * 3
+
+    strict_sts.fail_next()
+    with pytest.raises(ClientError):
+        assume(sts, make_token(now=fake_now))
+    assert strict_sts.requests[-1].expiration is None  # only answered successes have one
+    assert len(seen) == 3
+
+
+@pytest.mark.parametrize("body", [b"<AssumeRoleWithWebIdentityResponse><oops", b""])
+def test_respond_raw_unparseable_body_then_recovers(
+    strict_sts: StrictSTS, sts: Any, body: bytes
+) -> None:
+    strict_sts.respond_raw(body)
+    with pytest.raises(ResponseParserError):
+        assume(sts, make_token())
+    assert assume(sts, make_token())["Credentials"]  # n=1: only the next call
+    assert (strict_sts.calls, strict_sts.successes) == (2, 1)
+    raw, ok = strict_sts.requests
+    assert (raw.status, raw.raw, raw.error_code, raw.credentials, raw.role_arn) == (
+        200,
+        True,
+        None,
+        None,
+        ROLE,
+    )
+    assert (ok.status, ok.raw) == (200, False)
+    assert strict_sts.connections_accepted == 1  # keep-alive survived the raw answer
+
+
+def test_respond_raw_success_missing_session_token(strict_sts: StrictSTS, sts: Any) -> None:
+    body = build_success_xml(2_000_000_000, "ASIAFAKEFAKEFAKEFAKE", omit=["SessionToken"])
+    strict_sts.respond_raw(body)
+    resp = assume(sts, make_token())
+    creds = resp["Credentials"]
+    assert "SessionToken" not in creds
+    assert creds["AccessKeyId"] == "ASIAFAKEFAKEFAKEFAKE" and creds["SecretAccessKey"]
+    assert creds["Expiration"].timestamp() == 2_000_000_000
+    assert (strict_sts.calls, strict_sts.successes) == (1, 0)  # raw answers are not successes
+
+    strict_sts.respond_raw(build_success_xml(None))  # no Expiration either
+    assert "Expiration" not in assume(sts, make_token())["Credentials"]
+
+
+def test_respond_raw_oversized_body_keeps_connection(strict_sts: StrictSTS, sts: Any) -> None:
+    # Valid XML: a comment may follow the root element.
+    body = build_success_xml(2_000_000_000) + b"<!--" + b"x" * (5 * 1024 * 1024) + b"-->"
+    strict_sts.respond_raw(body)
+    resp = assume(sts, make_token())
+    assert resp["ResponseMetadata"]["HTTPHeaders"]["content-length"] == str(len(body))
+    assert resp["Credentials"]["Expiration"].timestamp() == 2_000_000_000
+    assert assume(sts, make_token())["Credentials"]
+    assert (strict_sts.calls, strict_sts.successes, strict_sts.connections_accepted) == (2, 1, 1)
+
+
+def test_respond_raw_status_content_type_always_and_clear(strict_sts: StrictSTS, sts: Any) -> None:
+    body = b"<html><body>502 Bad Gateway</body></html>"
+    strict_sts.respond_raw(body, status=502, n=None, content_type="text/html")
+    for _ in range(3):
+        with pytest.raises(ClientError) as exc:
+            assume(sts, make_token())
+        assert exc.value.response["Error"]["Code"] == "502"
+        headers = exc.value.response["ResponseMetadata"]["HTTPHeaders"]
+        assert (headers["content-type"], headers["content-length"]) == (
+            "text/html",
+            str(len(body)),
+        )
+    strict_sts.clear_faults()
+    assert assume(sts, make_token())["Credentials"]
+
+    strict_sts.respond_raw(b"<broken", n=2)
+    for _ in range(2):
+        with pytest.raises(ResponseParserError):
+            assume(sts, make_token())
+    assert assume(sts, make_token())["Credentials"]
+    assert [(r.status, r.raw) for r in strict_sts.requests] == [(502, True)] * 3 + [
+        (200, False),
+        (200, True),
+        (200, True),
+        (200, False),
+    ]
+    assert (strict_sts.calls, strict_sts.successes, strict_sts.connections_accepted) == (7, 2, 1)
+
+
+def test_respond_raw_rejects_bad_arguments(strict_sts: StrictSTS) -> None:
+    with pytest.raises(ValueError, match="n must be"):
+        strict_sts.respond_raw(b"", n=0)
+    with pytest.raises(ValueError, match="cannot carry a body"):
+        strict_sts.respond_raw(b"", status=204)
 
 
 OTHER_RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)

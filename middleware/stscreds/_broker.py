@@ -14,8 +14,16 @@ from typing import Any
 
 from cachetools import LRUCache
 
-from ._cache import MANDATORY_WINDOW, Failure, L1Cache, plan_entry, retry_delay
-from ._clock import Clock, SystemClock
+from ._budget import StsBudget
+from ._cache import (
+    DEFAULT_REFRESH_BACKOFF,
+    MANDATORY_WINDOW,
+    Failure,
+    L1Cache,
+    plan_entry,
+    refresh_backoff,
+)
+from ._clock import Clock, StsClock, SystemClock
 from ._credentials import Credentials
 from ._errors import CredentialsRejected, CredentialsUnavailable, STSUnavailable
 from ._exchange import ExchangeRequest, StsExchanger, classify_error
@@ -28,12 +36,17 @@ __all__ = ["BrokerStats", "CredentialBroker"]
 
 logger = logging.getLogger("stscreds")
 
-#: How long an identity whose STS answer was already (nearly) expired by the local clock is
-#: not asked for again: a skewed clock is not fixed in seconds, and every exchange would
-#: fail the same way.
+#: How long an identity whose STS answer was already (nearly) expired is not asked for
+#: again: such answers come from a clock or lifetime problem that is not fixed in seconds,
+#: and every exchange would fail the same way.
 CLOCK_SKEW_TTL = 30.0
-_CLOCK_SKEW = "STS returned credentials that expire within 60 s (check the clock)"
+#: Above this many seconds of difference between the local clock and STS's, one WARNING.
+CLOCK_OFFSET_WARNING = 30.0
 _CLOSED = "credential broker is closed"
+
+
+class _ShortGrant(STSUnavailable):
+    """STS answered with credentials that had (nearly) expired on arrival."""
 
 
 def _ttl_range(name: str, value: tuple[float, float]) -> tuple[float, float]:
@@ -78,6 +91,10 @@ class CredentialBroker:
         exchange_deadline: float = 10.0,
         max_attempts: int = 3,
         max_workers: int = 8,
+        request_timeout: float = 20.0,
+        advisory_window: float | None = None,
+        refresh_backoff: tuple[float, float] = DEFAULT_REFRESH_BACKOFF,
+        sts_budget: StsBudget | None = None,
         negative_ttl: tuple[float, float] = (1.0, 5.0),
         transient_negative_ttl: tuple[float, float] = (0.5, 2.0),
         store: CredentialStore | None = None,
@@ -87,6 +104,24 @@ class CredentialBroker:
         clock: Clock | None = None,
     ) -> None:
         self._clock: Clock = clock or SystemClock()
+        if (
+            isinstance(request_timeout, bool)
+            or not isinstance(request_timeout, int | float)
+            or request_timeout <= 0
+        ):
+            raise ValueError("request_timeout: must be a positive number of seconds")
+        if advisory_window is not None and (
+            isinstance(advisory_window, bool)
+            or not isinstance(advisory_window, int | float)
+            or advisory_window <= MANDATORY_WINDOW
+        ):
+            raise ValueError("advisory_window: must be None or more than 60 seconds")
+        self.request_timeout = float(request_timeout)
+        self._advisory = None if advisory_window is None else float(advisory_window)
+        self._refresh_backoff = _ttl_range("refresh_backoff", refresh_backoff)
+        #: STS's clock as learned from its answers; expiry is planned on it.
+        self.sts_clock = StsClock(self._clock)
+        self._offset_warned = False
         self._minter = TokenMinter(
             issuer=issuer,
             audience=audience,
@@ -94,8 +129,6 @@ class CredentialBroker:
             token_ttl=token_ttl,
             clock=self._clock,
         )
-        # Validates the default subject the same way as Role.subject.
-        Role("arn:aws:iam::000000000000:role/x", subject=default_subject)
         self._negative_ttl = _ttl_range("negative_ttl", negative_ttl)
         self._transient_negative_ttl = _ttl_range("transient_negative_ttl", transient_negative_ttl)
         self._cache = L1Cache(cache_size)
@@ -110,15 +143,20 @@ class CredentialBroker:
             deadline=exchange_deadline,
             max_attempts=max_attempts,
             max_workers=max_workers,
+            sts_clock=self.sts_clock,
+            budget=sts_budget if sts_budget is not None else StsBudget(clock=self._clock.time),
         )
+        self._keys: dict[str, str] = {}
         self.default_subject = default_subject
         self._closed = False
         self._failures: LRUCache[str, Failure] = LRUCache(maxsize=cache_size)
         self._inflight: dict[str, asyncio.Task[Credentials]] = {}
-        # Role's canonical encoding -> identity key, so a hit neither re-encodes the identity
-        # nor calls Role.__hash__ (Python code); a str caches its own hash.
-        self._keys: dict[str, str] = {}
+        # Role's canonical encoding -> identity key (self._keys), so a hit neither re-encodes
+        # the identity nor calls Role.__hash__ (Python code); a str caches its own hash.
         self._keys_max = cache_size * 2
+        # Identity key -> the access key id AWS rejected (invalidate): never taken again
+        # from the store, where it may still sit.
+        self._rejected: LRUCache[str, str] = LRUCache(maxsize=cache_size)
         self.stats = BrokerStats()
         # gunicorn --preload and multiprocessing fork a process that already made a broker.
         os.register_at_fork(after_in_child=partial(_reset_in_child, weakref.ref(self)))
@@ -128,12 +166,33 @@ class CredentialBroker:
             if store is None
             else SharedTier(
                 store,
-                clock=self._clock,
                 op_timeout=store_timeout,
                 breaker_cooldown=store_cooldown,
                 lease_ttl=lease_ttl if lease_ttl is not None else exchange_deadline + 5.0,
+                sts_clock=self.sts_clock,
+                # A cold miss waits for another worker's exchange only as long as leaves
+                # time for its own within request_timeout: a squatted lease costs no more.
+                lease_wait=self.request_timeout - exchange_deadline,
             )
         )
+
+    @property
+    def default_subject(self) -> str:
+        """The ``sub`` of tokens for roles that name no subject."""
+        return self._default_subject
+
+    @default_subject.setter
+    def default_subject(self, value: str) -> None:
+        # Validates it the same way as Role.subject.
+        Role("arn:aws:iam::000000000000:role/x", subject=value)
+        self._default_subject = value
+        # Identity keys of roles without a subject depend on it.
+        self._keys.clear()
+
+    @property
+    def sts_budget(self) -> StsBudget | None:
+        """The gate on STS calls that tightens under throttling."""
+        return self._exchanger.budget
 
     @property
     def store_stats(self) -> StoreStats | None:
@@ -173,7 +232,7 @@ class CredentialBroker:
                 audience=self._minter.audience,
                 sts_endpoint=self._exchanger.endpoint_url,
                 region=self._exchanger.region,
-                default_subject=self.default_subject,
+                default_subject=self._default_subject,
             )
             if len(self._keys) >= self._keys_max:
                 self._keys.clear()
@@ -200,7 +259,7 @@ class CredentialBroker:
             self.stats.hits += 1
             if now >= entry.retry_at and key not in self._inflight:
                 self.stats.background_refreshes += 1
-                self._start(key, role)
+                self._start(key, role, background=True)
             return entry.credentials
         return None
 
@@ -217,15 +276,18 @@ class CredentialBroker:
         return None
 
     async def get(self, role: Role) -> Credentials:
-        """Credentials for ``role`` with more than the mandatory window (60 s) left.
+        """Credentials for ``role`` with more than the mandatory window (60 s) left, or, when
+        a refresh fails, the cached ones while they have more than 5 s left.
 
-        Concurrent callers for one identity share one exchange. Raises CredentialsRejected
-        (STS refused) or STSUnavailable (STS down, slow or throttling; the broker closed).
+        Concurrent callers for one identity share one exchange, and none waits longer than
+        ``request_timeout``. Raises CredentialsRejected (STS refused) or STSUnavailable (STS
+        down, slow or throttling; the broker closed); ``error.retry_after`` says when a retry
+        can succeed.
 
         Failures are remembered per identity for a short while (``negative_ttl`` for
         rejections, ``transient_negative_ttl`` for STS being unavailable, about 30 s for
-        credentials already expiring by the local clock): callers in that time get the same
-        error without a new STS call.
+        answers that had already expired): callers in that time get the same error without
+        a new STS call.
         """
         credentials = self.get_cached(role)
         if credentials is not None:
@@ -238,23 +300,69 @@ class CredentialBroker:
             raise STSUnavailable(_CLOSED, role_arn=role.arn)
         key = self.identity_key(role)
         self.stats.misses += 1
-        failure = self._failures.get(key)
-        if failure is not None:
-            if self._now() < failure.until:
-                self.stats.negative_hits += 1
-                raise failure.error._copy()
-            del self._failures[key]
+        now = self._now()
+        entry = self._entries.get(key)
+        if entry is not None:
+            if now < entry.mandatory_at:
+                # Refreshed since the caller looked (or a WSGI peek saw a refresh due).
+                return self.get_cached(role) or entry.credentials
+            if now >= entry.serve_until:
+                entry = None
+            elif now < entry.retry_at:
+                # A refresh failed moments ago: serve what is cached while it lasts (static
+                # stability) rather than call STS again before the backoff ends.
+                return entry.credentials
+        if entry is None:
+            failure = self._failures.get(key)
+            if failure is not None:
+                if now < failure.until:
+                    self.stats.negative_hits += 1
+                    raise failure.error._copy(retry_after=failure.until - now)
+                del self._failures[key]
         task = self._inflight.get(key)
         if task is None or task.get_loop() is not asyncio.get_running_loop():
-            task = self._start(key, role)
-        # shield: a cancelled caller (client gone) must not cancel the exchange others await.
-        return await asyncio.shield(task)
+            task = self._start(key, role, background=False)
+        try:
+            # shield: a cancelled caller (client gone) must not cancel the exchange others
+            # await; wait_for: no caller waits past request_timeout, whatever holds it up.
+            return await asyncio.wait_for(asyncio.shield(task), self.request_timeout)
+        except CredentialsUnavailable:
+            if entry is not None and self._now() < entry.serve_until:
+                return entry.credentials
+            raise
+        except asyncio.TimeoutError:
+            if entry is not None and self._now() < entry.serve_until:
+                return entry.credentials
+            logger.warning(
+                "stscreds: no credentials for %s within request_timeout (%gs)",
+                role.arn,
+                self.request_timeout,
+            )
+            raise STSUnavailable(
+                f"no credentials within {self.request_timeout:g}s", role_arn=role.arn
+            ) from None
 
-    def invalidate(self, role: Role) -> None:
-        """Forget cached credentials and remembered errors for ``role``."""
+    def invalidate(self, role: Role, access_key_id: str | None = None) -> bool:
+        """Drop the cached credentials for ``role`` (and remembered errors), so the next get
+        exchanges anew for the whole fleet: the dropped access key id is never taken from
+        the shared store again.
+
+        With ``access_key_id`` (the key AWS refused), only credentials with that id are
+        dropped: a caller holding credentials replaced since is a no-op. True if any were.
+        """
         key = self.identity_key(role)
-        self._cache.pop(key, None)
+        entry = self._cache.get(key)
+        if entry is None:
+            if access_key_id is not None:
+                self._rejected[key] = access_key_id
+            self._failures.pop(key, None)
+            return False
+        if access_key_id is not None and entry.credentials.access_key_id != access_key_id:
+            return False
+        self._rejected[key] = entry.credentials.access_key_id
+        del self._cache[key]
         self._failures.pop(key, None)
+        return True
 
     def _after_fork(self) -> None:
         # The parent's in-flight tasks belong to a loop that never runs in this process;
@@ -264,8 +372,8 @@ class CredentialBroker:
         if self._shared is not None:
             self._shared.reset_after_fork()
 
-    def _start(self, key: str, role: Role) -> asyncio.Task[Credentials]:
-        task = asyncio.get_running_loop().create_task(self._refresh(key, role))
+    def _start(self, key: str, role: Role, *, background: bool) -> asyncio.Task[Credentials]:
+        task = asyncio.get_running_loop().create_task(self._refresh(key, role, background))
         self._inflight[key] = task
         task.add_done_callback(partial(self._finished, key))
         return task
@@ -277,20 +385,20 @@ class CredentialBroker:
             # Marks a background refresh's error as seen; it was handled in _refresh.
             task.exception()
 
-    async def _refresh(self, key: str, role: Role) -> Credentials:
+    async def _refresh(self, key: str, role: Role, background: bool) -> Credentials:
         entry = self._cache.get(key)
         try:
             if self._closed:
                 raise STSUnavailable(_CLOSED, role_arn=role.arn)
+            exchange = partial(self._exchange, role, background)
             if self._shared is None:
-                credentials = await self._exchange(role)
-                lifetime: float = role.duration_seconds
+                credentials, lifetime = await exchange()
             else:
                 credentials, lifetime = await self._shared.obtain(
                     key,
-                    partial(self._exchange, role),
-                    lifetime=role.duration_seconds,
-                    newer_than=None if entry is None else entry.expires_at,
+                    exchange,
+                    newer_than=None if entry is None else entry.credentials.expiration.timestamp(),
+                    rejected=self._rejected.get(key),
                 )
         except CredentialsUnavailable as error:
             self._record_failure(key, role, error)
@@ -315,11 +423,18 @@ class CredentialBroker:
                 )
             self._record_failure(key, role, converted)
             raise converted from None
-        self._cache[key] = plan_entry(credentials, self._now(), lifetime=lifetime)
+        now = self._now()
+        # Planned on STS's clock: what is left of the credentials there, from here on.
+        remaining = credentials.expiration.timestamp() - (now + self.sts_clock.offset)
+        self._cache[key] = plan_entry(
+            credentials, now, remaining=remaining, lifetime=lifetime, advisory=self._advisory
+        )
         self._failures.pop(key, None)
         return credentials
 
-    async def _exchange(self, role: Role) -> Credentials:
+    async def _exchange(self, role: Role, background: bool) -> tuple[Credentials, float]:
+        """One exchange at STS: the credentials and their granted lifetime (seconds left at
+        receipt, on STS's clock)."""
         subject, session_name = role.effective_names(self.default_subject)
         request = ExchangeRequest(
             role_arn=role.arn,
@@ -329,19 +444,39 @@ class CredentialBroker:
         )
         self.stats.exchanges += 1
         credentials = await self._exchanger.exchange(
-            request, partial(self._minter.mint, subject, role.claims)
+            request, partial(self._minter.mint, subject, role.claims), background=background
         )
-        if credentials.seconds_left(self._now()) <= MANDATORY_WINDOW:
-            raise STSUnavailable(_CLOCK_SKEW, role_arn=role.arn)
-        return credentials
+        self._check_offset()
+        remaining = credentials.expiration.timestamp() - self.sts_clock.now()
+        if remaining <= MANDATORY_WINDOW:
+            # Already (nearly) expired on arrival: a failed refresh, not credentials to plan.
+            raise _ShortGrant(
+                f"STS answered with credentials that had {remaining:.0f}s left (60 s or "
+                "less): check the clocks and the role's maximum session duration",
+                role_arn=role.arn,
+            )
+        return credentials, remaining
+
+    def _check_offset(self) -> None:
+        offset = self.sts_clock.offset
+        if abs(offset) <= CLOCK_OFFSET_WARNING:
+            self._offset_warned = False
+        elif not self._offset_warned:
+            self._offset_warned = True
+            logger.warning(
+                "stscreds: the local clock is %.0fs %s STS's; credentials are planned on STS's "
+                "clock, but check NTP on this host",
+                abs(offset),
+                "behind" if offset > 0 else "ahead of",
+            )
 
     def _record_failure(self, key: str, role: Role, error: CredentialsUnavailable) -> None:
         self.stats.exchange_failures += 1
         now = self._now()
-        skewed = error.message == _CLOCK_SKEW
+        short = isinstance(error, _ShortGrant)
         if isinstance(error, CredentialsRejected):
             low, high = self._negative_ttl
-        elif skewed:
+        elif short:
             low, high = 0.9 * CLOCK_SKEW_TTL, 1.1 * CLOCK_SKEW_TTL
         else:
             # Throttling, 5xx, timeouts: retried inside the exchange already; remembering the
@@ -349,40 +484,43 @@ class CredentialBroker:
             low, high = self._transient_negative_ttl
         previous = self._failures.get(key)
         until = now + random.uniform(low, high)  # noqa: S311 - spreads retries, not a secret
+        if error.retry_after is not None:
+            # The STS budget knows when a call may go out again.
+            until = max(until, now + error.retry_after)
         # A copy: the original's traceback holds the exchange's frames (and their locals).
         self._failures[key] = Failure(error._copy(), until)
+        error.retry_after = until - now
         entry = self._cache.get(key)
-        if skewed:
-            if entry is not None and now < entry.mandatory_at:
-                entry.failures += 1
-                entry.retry_at = max(
-                    until, now + retry_delay(entry.failures, now, entry.mandatory_at)
-                )
-            # One line per identity per period, however many callers or refreshes hit it.
-            if previous is None or previous.error.message != _CLOCK_SKEW or now >= previous.until:
-                logger.error(
-                    "stscreds: STS returned credentials for %s that have already (nearly) "
-                    "expired by the local clock: check the clock (NTP); not asking STS for "
-                    "this identity again for %.0fs",
-                    role.arn,
-                    until - now,
-                )
-            return
-        if entry is not None and now < entry.mandatory_at:
+        if entry is not None and now < entry.serve_until:
+            # Static stability: keep serving the cached credentials; no STS call for this
+            # identity until the backoff ends (waiting callers go once they run out).
             entry.failures += 1
-            entry.retry_at = now + retry_delay(entry.failures, now, entry.mandatory_at)
+            entry.retry_at = max(until, refresh_backoff(now, self._refresh_backoff))
             logger.warning(
-                "stscreds: background refresh failed for %s (%s); serving cached credentials "
-                "until %.0fs before expiry, next try in %.0fs",
+                "stscreds: refresh failed for %s: %s; serving the cached credentials for up "
+                "to %.0fs more, next try in %.0fs",
                 role.arn,
-                error.code or type(error).__name__,
-                entry.expires_at - entry.mandatory_at,
+                error.message,
+                entry.serve_until - now,
                 entry.retry_at - now,
             )
-        else:
-            logger.warning(
-                "stscreds: no credentials for %s: %s", role.arn, error.code or error.message
+            return
+        # One line per identity per remembered period, however many callers it fails.
+        if (
+            previous is not None
+            and now < previous.until
+            and previous.error.message == error.message
+        ):
+            return
+        if short:
+            logger.error(
+                "stscreds: %s (%s); not asking STS for this identity again for %.0fs",
+                error.message,
+                role.arn,
+                until - now,
             )
+        else:
+            logger.warning("stscreds: no credentials for %s: %s", role.arn, error.message)
 
     async def aclose(self) -> None:
         """Cancel in-flight exchanges and release the STS client and its threads.

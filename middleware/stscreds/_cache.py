@@ -11,21 +11,28 @@ from ._credentials import Credentials
 from ._errors import CredentialsUnavailable
 
 __all__ = [
+    "DEFAULT_REFRESH_BACKOFF",
     "MANDATORY_WINDOW",
+    "MIN_SERVE",
     "CacheEntry",
     "Failure",
     "L1Cache",
     "advisory_window",
     "plan_entry",
-    "retry_delay",
+    "refresh_backoff",
 ]
 
-#: Seconds before expiry inside which callers wait for fresh credentials; credentials with
-#: less than this left are never handed out.
+#: Seconds before expiry (on STS's clock) inside which callers wait for fresh credentials.
 MANDATORY_WINDOW = 60.0
-#: Failed background refreshes are never retried more often than this.
-MIN_RETRY_DELAY = 5.0
-MAX_RETRY_DELAY = 300.0
+#: Credentials with less than this left (on STS's clock) are never handed out.
+MIN_SERVE = 5.0
+#: A background refresh never starts sooner than this after the credentials arrived...
+MIN_REFRESH_INTERVAL = 5.0
+#: ...nor before half of their usable life (until the mandatory window) has passed.
+_MIN_USED_FRACTION = 0.5
+#: After a failed refresh while cached credentials remain, no new STS call for this many
+#: seconds (random in range), as the AWS SDKs' Credential Refresh SEP asks.
+DEFAULT_REFRESH_BACKOFF = (300.0, 600.0)
 # Spread refreshes of entries minted together over the first quarter of their window.
 _JITTER_FRACTION = 0.25
 
@@ -44,9 +51,21 @@ def advisory_window(lifetime: float) -> float:
 
 
 class CacheEntry:
-    """Cached credentials with the POSIX times that drive refresh-ahead."""
+    """Cached credentials with the local-clock times that drive refresh-ahead.
 
-    __slots__ = ("credentials", "expires_at", "failures", "mandatory_at", "refresh_at", "retry_at")
+    Every time is on the local clock, converted from STS's clock when the entry was planned,
+    so the hit path compares one local time to ``refresh_at`` and nothing else.
+    """
+
+    __slots__ = (
+        "credentials",
+        "expires_at",
+        "failures",
+        "mandatory_at",
+        "refresh_at",
+        "retry_at",
+        "serve_until",
+    )
 
     def __init__(
         self, credentials: Credentials, expires_at: float, refresh_at: float, mandatory_at: float
@@ -55,7 +74,9 @@ class CacheEntry:
         self.expires_at = expires_at
         self.refresh_at = refresh_at
         self.mandatory_at = mandatory_at
-        # A failed background refresh pushes the next try out to here.
+        #: Past this the credentials are never handed out (MIN_SERVE before expiry).
+        self.serve_until = expires_at - MIN_SERVE
+        #: A failed refresh pushes the next STS call out to here (see refresh_backoff).
         self.retry_at = refresh_at
         self.failures = 0
 
@@ -67,32 +88,41 @@ def plan_entry(
     credentials: Credentials,
     now: float,
     *,
+    remaining: float,
     lifetime: float | None = None,
+    advisory: float | None = None,
     rng: random.Random | None = None,
 ) -> CacheEntry:
-    """Build the cache entry for ``credentials`` received at ``now``.
+    """Plan the cache entry for ``credentials`` received at local time ``now``.
 
-    ``lifetime`` is the credentials' whole lifetime when known (defaults to what is left).
+    ``remaining``: seconds they had left at receipt on STS's clock (what STS granted, not
+    what was asked for). ``lifetime``: their whole granted lifetime, which sizes the advisory
+    window (defaults to ``remaining``); ``advisory`` overrides that window.
+
+    A refresh is never due before half the usable life (until the mandatory window) has
+    passed, and never sooner than 5 s after receipt: a grant shorter than the advisory
+    window (an STS that caps sessions, a skewed clock) cannot make every call a refresh.
     """
-    expires_at = credentials.expiration.timestamp()
-    window = advisory_window(expires_at - now if lifetime is None else lifetime)
-    mandatory = min(MANDATORY_WINDOW, window)
+    expires_at = now + remaining
+    mandatory_at = expires_at - MANDATORY_WINDOW
+    usable = mandatory_at - now
+    if advisory is None:
+        advisory = advisory_window(remaining if lifetime is None else lifetime)
     jitter = (rng or random).uniform(0.0, _JITTER_FRACTION)
-    refresh_at = expires_at - window * (1.0 - jitter)
-    return CacheEntry(credentials, expires_at, refresh_at, expires_at - mandatory)
+    refresh_at = expires_at - advisory * (1.0 - jitter)
+    earliest = now + max(usable * _MIN_USED_FRACTION, min(MIN_REFRESH_INTERVAL, usable))
+    refresh_at = min(max(refresh_at, earliest), mandatory_at)
+    return CacheEntry(credentials, expires_at, refresh_at, mandatory_at)
 
 
-def retry_delay(
-    failures: int, now: float, mandatory_at: float, rng: random.Random | None = None
+def refresh_backoff(
+    now: float,
+    backoff: tuple[float, float] = DEFAULT_REFRESH_BACKOFF,
+    rng: random.Random | None = None,
 ) -> float:
-    """Seconds to wait before retrying a failed background refresh.
-
-    Exponential with jitter, never below MIN_RETRY_DELAY, and short enough to leave at least one
-    more try before the mandatory window when time allows.
-    """
-    backoff: float = (rng or random).uniform(1.0, 2.0) * MIN_RETRY_DELAY * 2 ** max(0, failures - 1)
-    backoff = min(backoff, MAX_RETRY_DELAY)
-    return max(MIN_RETRY_DELAY, min(backoff, (mandatory_at - now) / 2))
+    """The local time before which no new STS call follows a failed refresh."""
+    low, high = backoff
+    return now + (rng or random).uniform(low, high)
 
 
 class Failure:

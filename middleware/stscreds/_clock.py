@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Protocol
 
-__all__ = ["Clock", "SystemClock"]
+__all__ = ["Clock", "StsClock", "SystemClock"]
 
 
 class Clock(Protocol):
@@ -24,3 +25,65 @@ class SystemClock:
     # The builtin itself, not a method wrapping it: the cache-hit path reads the clock on
     # every request, and a Python-level call costs more than the read.
     time = staticmethod(time.time)
+
+
+class StsClock:
+    """STS's clock as seen from here: the local clock plus an offset learned from the HTTP
+    ``Date`` headers of STS's answers.
+
+    Expiry is STS's business: credentials are planned on its clock, so a local clock that is
+    minutes off neither hands out expired credentials nor refreshes on every call. The offset
+    is the median of the last few samples, so one slow or odd answer does not move it.
+    """
+
+    __slots__ = ("_lock", "_samples", "known", "local", "offset")
+
+    #: Samples the median is taken over.
+    SAMPLES = 5
+
+    def __init__(self, local: Clock) -> None:
+        self.local = local
+        #: Seconds STS's clock is ahead of the local one (negative: behind).
+        self.offset = 0.0
+        #: True once at least one answer from STS carried a usable Date header.
+        self.known = False
+        self._samples: list[float] = []
+        # Answers are observed on the exchange threads.
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        """The current time on STS's clock (the local clock until an offset is known)."""
+        return self.local.time() + self.offset
+
+    def observe(self, sts_date: float, sent_at: float, received_at: float) -> float:
+        """Learn from one answer: ``sts_date`` its Date header, the local send and receipt
+        times around the call. Returns the new offset."""
+        # Date has one-second resolution and was stamped between send and receipt: take the
+        # middle of both intervals.
+        sample = sts_date + 0.5 - (sent_at + received_at) / 2
+        with self._lock:
+            self._samples.append(sample)
+            if len(self._samples) > self.SAMPLES:
+                del self._samples[0]
+            ordered = sorted(self._samples)
+            middle = len(ordered) // 2
+            self.offset = (
+                ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+            )
+            self.known = True
+            return self.offset
+
+    def adopt(self, offset: float) -> None:
+        """Take ``offset`` (another worker's estimate) until a sample of our own arrives."""
+        if not self.known:
+            self.offset = offset
+
+    def reset(self) -> None:
+        """Forget every sample (and, after a fork, the parent's lock)."""
+        self._lock = threading.Lock()
+        self._samples.clear()
+        self.offset = 0.0
+        self.known = False
+
+    def __repr__(self) -> str:
+        return f"StsClock(offset={self.offset:+.1f}s, known={self.known})"

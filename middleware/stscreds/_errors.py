@@ -24,18 +24,33 @@ class CredentialsUnavailable(Exception):
     #: HTTP status the middlewares answer with for this error.
     status_code: int = 503
 
-    def __init__(self, message: str, *, code: str | None = None, role_arn: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        role_arn: str | None = None,
+        retry_after: float | None = None,
+    ):
         self.message = redact(message)
         self.code = code
         self.role_arn = role_arn
+        #: Seconds until a retry can succeed (a remembered failure expires, the STS budget
+        #: refills), or None if unknown; the middlewares send it as ``Retry-After``.
+        self.retry_after = retry_after
         super().__init__(self.message)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, code={self.code!r})"
 
-    def _copy(self) -> CredentialsUnavailable:
+    def _copy(self, retry_after: float | None = None) -> CredentialsUnavailable:
         # Negative caching raises a fresh instance each time, so tracebacks never pile up.
-        return type(self)(self.message, code=self.code, role_arn=self.role_arn)
+        return type(self)(
+            self.message,
+            code=self.code,
+            role_arn=self.role_arn,
+            retry_after=self.retry_after if retry_after is None else retry_after,
+        )
 
 
 class CredentialsRejected(CredentialsUnavailable):

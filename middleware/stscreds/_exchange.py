@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import logging
 import random
 import re
@@ -10,6 +11,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timezone
 from typing import Any
 
 import botocore.session
@@ -17,11 +19,20 @@ from botocore import UNSIGNED
 from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.parsers import ResponseParserError
 
+from ._budget import StsBudget
+from ._clock import StsClock, SystemClock
 from ._credentials import Credentials
 from ._errors import _JWT_LIKE, CredentialsRejected, CredentialsUnavailable, STSUnavailable
 
-__all__ = ["NON_RECOVERABLE_CODES", "TRANSIENT_CODES", "StsExchanger", "classify_error"]
+__all__ = [
+    "NON_RECOVERABLE_CODES",
+    "THROTTLING_CODES",
+    "TRANSIENT_CODES",
+    "StsExchanger",
+    "classify_error",
+]
 
 logger = logging.getLogger("stscreds")
 
@@ -51,6 +62,32 @@ TRANSIENT_CODES = frozenset(
     }
 )
 
+#: STS error codes that mean "the account is over its rate": they tighten the STS budget.
+THROTTLING_CODES = frozenset(
+    {"Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"}
+)
+
+
+def is_throttling(error: BaseException) -> bool:
+    """True for an STS answer saying the account is calling too fast."""
+    if not isinstance(error, ClientError):
+        return False
+    code = error.response.get("Error", {}).get("Code")
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return code in THROTTLING_CODES or status == 429
+
+
+def sts_date(response: dict[str, Any]) -> float | None:
+    """The POSIX time of an STS answer's HTTP ``Date`` header, or None."""
+    try:
+        value = response["ResponseMetadata"]["HTTPHeaders"]["date"]
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    if parsed.tzinfo is None:  # RFC 9110 dates are GMT; an odd server's too
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
 
 def classify_error(error: BaseException, role_arn: str | None = None) -> CredentialsUnavailable:
     """Map a botocore error to ``CredentialsRejected`` or ``STSUnavailable`` (no secrets)."""
@@ -68,6 +105,10 @@ def classify_error(error: BaseException, role_arn: str | None = None) -> Credent
         # Any other 4xx (ValidationError, InvalidParameterValue...) is a request STS will
         # refuse again however often it is sent.
         return CredentialsRejected(message, code=code, role_arn=role_arn)
+    if isinstance(error, ResponseParserError):
+        return STSUnavailable(
+            "STS answered with a response that could not be parsed", role_arn=role_arn
+        )
     if isinstance(error, BotoCoreError | OSError):
         # Connection refused/reset, DNS, connect and read timeouts: the endpoint, not the role.
         return STSUnavailable(f"STS unreachable: {type(error).__name__}", role_arn=role_arn)
@@ -171,6 +212,8 @@ class StsExchanger:
         max_attempts: int = 3,
         max_workers: int = 8,
         retry_base_delay: float = 0.2,
+        sts_clock: StsClock | None = None,
+        budget: StsBudget | None = None,
     ) -> None:
         if not isinstance(region, str) or not region:
             raise ValueError("region: must be a non-empty string")
@@ -209,13 +252,20 @@ class StsExchanger:
         self.max_attempts = max_attempts
         self.retry_base_delay = retry_base_delay
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="stscreds-sts")
+        #: STS's clock, learned from the Date header of every answer.
+        self.sts_clock = sts_clock if sts_clock is not None else StsClock(SystemClock())
+        #: The gate every call (first attempt or retry) passes; None: no gate.
+        self.budget = budget
         #: True once close() has run: the pool takes no more work.
         self.closed = False
 
-    async def exchange(self, request: ExchangeRequest, mint: Callable[[], str]) -> Credentials:
+    async def exchange(
+        self, request: ExchangeRequest, mint: Callable[[], str], *, background: bool = False
+    ) -> Credentials:
         """Mint a token with ``mint`` and call AssumeRoleWithWebIdentity, both on the pool.
 
-        Raises CredentialsRejected or STSUnavailable; never blocks the event loop.
+        Every attempt first takes a token from the STS budget (``background`` refreshes yield
+        to requests). Raises CredentialsRejected or STSUnavailable; never blocks the loop.
         """
         loop = asyncio.get_running_loop()
         deadline_at = loop.time() + self.deadline
@@ -229,6 +279,7 @@ class StsExchanger:
             ) from None
         params = request.params(token)
         attempt = 0
+        last: CredentialsUnavailable | None = None
         while True:
             attempt += 1
             remaining = deadline_at - loop.time()
@@ -236,6 +287,17 @@ class StsExchanger:
                 raise STSUnavailable(
                     f"STS did not answer within {self.deadline:g}s", role_arn=request.role_arn
                 )
+            if self.budget is not None:
+                wait = self.budget.acquire(background=background)
+                if wait > 0:
+                    if last is not None:
+                        raise last._copy(retry_after=wait) from None
+                    raise STSUnavailable(
+                        f"STS is throttling: holding calls back for {wait:.1f}s",
+                        code="Throttling",
+                        role_arn=request.role_arn,
+                        retry_after=wait,
+                    )
             try:
                 response = await asyncio.wait_for(
                     loop.run_in_executor(self._pool, self._call, params), remaining
@@ -245,6 +307,8 @@ class StsExchanger:
                     f"STS did not answer within {self.deadline:g}s", role_arn=request.role_arn
                 ) from None
             except Exception as exc:
+                if self.budget is not None and is_throttling(exc):
+                    self.budget.throttled()
                 error = classify_error(exc, request.role_arn)
                 if isinstance(error, CredentialsRejected) or attempt >= self.max_attempts:
                     raise error from None
@@ -258,8 +322,11 @@ class StsExchanger:
                     attempt,
                     delay,
                 )
+                last = error
                 await asyncio.sleep(delay)
                 continue
+            if self.budget is not None:
+                self.budget.succeeded()
             return _credentials_from(response)
 
     def _new_client(self) -> BaseClient:
@@ -277,7 +344,21 @@ class StsExchanger:
                 client = self._client
                 if client is None:
                     client = self._client = self._new_client()
-        return client.assume_role_with_web_identity(**params)  # type: ignore[no-any-return]
+        local = self.sts_clock.local
+        sent_at = local.time()
+        try:
+            response: dict[str, Any] = client.assume_role_with_web_identity(**params)
+        except ClientError as error:
+            # An error answer carries STS's clock too (and is when it matters most).
+            self._observe(error.response, sent_at, local.time())
+            raise
+        self._observe(response, sent_at, local.time())
+        return response
+
+    def _observe(self, response: dict[str, Any], sent_at: float, received_at: float) -> None:
+        date = sts_date(response)
+        if date is not None:
+            self.sts_clock.observe(date, sent_at, received_at)
 
     def reset_after_fork(self) -> None:
         """In a forked child: a new thread pool (the parent's threads do not exist here) and,

@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from types import MappingProxyType
 from typing import Any
 
@@ -82,29 +83,70 @@ def _deep_freeze(value: Any) -> Any:
     return value
 
 
+class _Number:
+    """A JSON number kept exact: float parsing would make 1e400 and 1e999 (both inf), or
+    10.0 and 10.00000000000000001, one value while STS receives two different texts."""
+
+    __slots__ = ("canonical",)
+
+    def __init__(self, text: str) -> None:
+        sign, digits, exponent = Decimal(text).as_tuple()
+        assert isinstance(exponent, int)  # JSON has no NaN or Infinity (rejected earlier)
+        # Exact, without a decimal context (whose exponent limits 1e999999999 would hit):
+        # strip trailing zeros into the exponent, so 10, 10.0 and 1e1 are one number.
+        while len(digits) > 1 and digits[-1] == 0:
+            digits, exponent = digits[:-1], exponent + 1
+        if digits == (0,):
+            sign, exponent = 0, 0
+        self.canonical = f"{'-' if sign else ''}{''.join(map(str, digits))}e{exponent}"
+
+
+def _tagged(value: Any) -> Any:
+    # Strings and numbers prefixed by their kind, so the number 10 and the string "10"
+    # (or "n10e0") can never encode alike.
+    if isinstance(value, str):
+        return "s" + value
+    if isinstance(value, _Number):
+        return "n" + value.canonical
+    if isinstance(value, dict):
+        return {name: _tagged(item) for name, item in value.items()}
+    if isinstance(value, list):
+        return [_tagged(item) for item in value]
+    return value  # true, false, null
+
+
 def _parse_policy(policy: str | Mapping[str, Any] | None) -> tuple[str | None, Any]:
-    """Return the policy as sent to STS and its parsed form (for the canonical encoding)."""
+    """Return the policy as sent to STS and its canonical form (for the identity key).
+
+    The canonical form ignores key order and whitespace, and keeps every number's exact
+    value: two texts share it only if they are the same JSON document.
+    """
     if policy is None:
         return None, None
-    if isinstance(policy, str):
-        try:
-            parsed = json.loads(
-                policy, parse_constant=_reject_constant, object_pairs_hook=_unique_keys
-            )
-        except _DuplicateKey as error:
-            raise ValueError(str(error)) from None
-        except ValueError:
-            raise ValueError("policy: not valid JSON") from None
-        if not isinstance(parsed, dict):
-            raise ValueError("policy: must be a JSON object")
-        return policy, parsed
     if isinstance(policy, Mapping):
         try:
             text = json.dumps(dict(policy), separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError):
             raise ValueError("policy: not JSON-serializable") from None
-        return text, json.loads(text)
-    raise ValueError("policy: must be a JSON object or a JSON string of one")
+    elif isinstance(policy, str):
+        text = policy
+    else:
+        raise ValueError("policy: must be a JSON object or a JSON string of one")
+    try:
+        parsed = json.loads(
+            text,
+            parse_constant=_reject_constant,
+            parse_float=_Number,
+            parse_int=_Number,
+            object_pairs_hook=_unique_keys,
+        )
+    except _DuplicateKey as error:
+        raise ValueError(str(error)) from None
+    except ValueError:
+        raise ValueError("policy: not valid JSON") from None
+    if not isinstance(parsed, dict):
+        raise ValueError("policy: must be a JSON object")
+    return text, _tagged(parsed)
 
 
 def _freeze_claims(claims: Mapping[str, Any] | None) -> Mapping[str, Any] | None:

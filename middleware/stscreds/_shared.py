@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import random
@@ -20,7 +19,7 @@ from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from ._cache import MANDATORY_WINDOW
-from ._clock import Clock
+from ._clock import StsClock
 from ._credentials import Credentials
 from ._errors import CredentialsRejected, CredentialsUnavailable, STSUnavailable
 from .stores import CredentialStore
@@ -40,6 +39,9 @@ _FAILURE_TTL = {False: (0.5, 2.0), True: (1.0, 5.0)}
 # Credentials read from the store need this much more than the mandatory window left, so a
 # value is not handed out only to enter the mandatory window a moment later.
 _READ_MARGIN = 5.0
+# A failure marker is honoured only this close to its write time (plus its TTL), on STS's
+# clock: hosts' estimates of that clock differ by about a second.
+_MARKER_SKEW = 2.0
 
 
 class _Failed:
@@ -82,10 +84,11 @@ class SharedTier:
         self,
         store: CredentialStore,
         *,
-        clock: Clock,
+        sts_clock: StsClock,
         op_timeout: float = 0.25,
         lease_ttl: float = 15.0,
         breaker_cooldown: float = 5.0,
+        lease_wait: float = 10.0,
         wait_slice: float = 0.5,
     ) -> None:
         if not isinstance(store, CredentialStore):
@@ -98,7 +101,10 @@ class SharedTier:
             if not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"{name}: must be a positive number of seconds")
         self.store = store
-        self._clock = clock
+        self._sts_clock = sts_clock
+        #: Longest a cold miss waits for another worker's exchange before calling STS itself:
+        #: what a squatted lease can cost a request.
+        self.lease_wait = max(0.0, float(lease_wait))
         self.op_timeout = float(op_timeout)
         self.lease_ttl = float(lease_ttl)
         self.breaker_cooldown = float(breaker_cooldown)
@@ -113,119 +119,138 @@ class SharedTier:
     async def obtain(
         self,
         key: str,
-        exchange: Callable[[], Awaitable[Credentials]],
+        exchange: Callable[[], Awaitable[tuple[Credentials, float]]],
         *,
-        lifetime: float,
         newer_than: float | None,
+        rejected: str | None = None,
     ) -> tuple[Credentials, float]:
         """Credentials for ``key`` from the store, or from ``exchange`` under the lease.
 
-        ``newer_than``: only credentials expiring after this POSIX time will do (a refresh).
-        Returns the credentials and their whole lifetime in seconds.
+        ``exchange`` returns credentials and their granted lifetime. ``newer_than``: only
+        credentials expiring after this POSIX time (STS clock) will do (a refresh).
+        ``rejected``: an access key id AWS refused; a value holding it is passed over.
+        Returns the credentials and their whole granted lifetime in seconds.
         """
         loop = asyncio.get_running_loop()
-        # A dead holder's lease expires after lease_ttl, then one waiter takes over and needs
-        # one more exchange: wait that long for the fleet before going to STS alone.
-        give_up_at = loop.time() + 2 * self.lease_ttl
+        names = _Names(self.store.cipher.store_key(key), self.store.cipher.store_key(f"f|{key}"))
+        give_up_at = loop.time() + self.lease_wait
         owner = secrets.token_hex(16)
-        waited = False
+        waited_for: str | None = None
         while True:
-            found = await self._read(key, newer_than)
+            found = await self._read(key, names.value, newer_than, rejected)
             if found is not None:
                 return found
-            if waited:
+            if waited_for is not None:
                 # The holder we waited for may have failed: its error, not our own STS call.
-                await self._raise_remembered_failure(key)
-            won = await self._call(self.store.acquire, key, owner, self.lease_ttl)
+                await self._raise_remembered_failure(key, names.failure, waited_for)
+            won = await self._call(self.store.acquire, names.value, owner, self.lease_ttl)
             if isinstance(won, _Failed):
                 if not isinstance(won, _Skipped):
                     # The store may have granted it after our timeout: give it back, or the
                     # fleet waits out a lease nobody holds.
-                    self._detach(self._call(self.store.release, key, owner, force=True))
+                    self._detach(self._call(self.store.release, names.value, owner, force=True))
                 break
             if won:
-                return await self._exchange_under_lease(key, owner, exchange, lifetime, newer_than)
+                return await self._exchange_under_lease(
+                    key, names, owner, exchange, newer_than, rejected
+                )
             remaining = give_up_at - loop.time()
             if remaining <= 0:
                 logger.warning("stscreds: gave up waiting for another worker's exchange")
                 break
+            # Who we wait for: only that holder's failure marker is believed.
+            holder = await self._call(self.store.holder, names.value)
+            waited_for = holder if isinstance(holder, str) else None
             self.stats.waits += 1
-            waited = True
             slice_ = min(remaining, self.wait_slice)
             if isinstance(
-                await self._call(self.store.wait, key, slice_, timeout=slice_ + 1), _Failed
+                await self._call(self.store.wait, names.value, slice_, timeout=slice_ + 1),
+                _Failed,
             ):
                 break
-        credentials = await exchange()
-        await self._write(key, credentials, lifetime)
+        credentials, lifetime = await exchange()
+        await self._write(key, names.value, credentials, lifetime)
         return credentials, lifetime
 
     async def _exchange_under_lease(
         self,
         key: str,
+        names: _Names,
         owner: str,
-        exchange: Callable[[], Awaitable[Credentials]],
-        lifetime: float,
+        exchange: Callable[[], Awaitable[tuple[Credentials, float]]],
         newer_than: float | None,
+        rejected: str | None,
     ) -> tuple[Credentials, float]:
         self.stats.leases += 1
         # Extends the lease while this worker exchanges, so a slow exchange (throttling,
         # retries) keeps it; a dead worker stops extending and its lease runs out.
-        keeper = asyncio.get_running_loop().create_task(self._keep_lease(key, owner))
+        keeper = asyncio.get_running_loop().create_task(self._keep_lease(names.value, owner))
         try:
             # Someone may have put between our read and our lease.
-            found = await self._read(key, newer_than)
+            found = await self._read(key, names.value, newer_than, rejected)
             shared = True
             if found is None:
-                found = (await exchange(), lifetime)
-                shared = await self._write(key, *found, force=True)
+                found = await exchange()
+                shared = await self._write(key, names.value, *found, force=True)
         except BaseException as error:
             await _stop(keeper)
             if isinstance(error, CredentialsUnavailable):
-                await self._remember_failure(key, error)
+                await self._remember_failure(key, names.failure, owner, error)
             # Release before waking the waiters, so the one that wakes first can take the
             # lease at once instead of waiting out its slice. Forced: an open breaker must
             # not leave the fleet waiting for a lease nobody holds.
-            await self._call(self.store.release, key, owner, force=True)
-            await self._call(self.store.notify, key, force=True)
+            await self._call(self.store.release, names.value, owner, force=True)
+            await self._call(self.store.notify, names.value, force=True)
             raise
         await _stop(keeper)
-        await self._call(self.store.release, key, owner, force=True)
+        await self._call(self.store.release, names.value, owner, force=True)
         if not shared:
             # Nothing to read: wake the waiters so one takes the free lease now.
-            await self._call(self.store.notify, key, force=True)
+            await self._call(self.store.notify, names.value, force=True)
         return found
 
-    async def _remember_failure(self, key: str, error: CredentialsUnavailable) -> None:
-        # The waiters read this instead of each repeating the failed exchange in turn.
+    async def _remember_failure(
+        self, key: str, name: str, owner: str, error: CredentialsUnavailable
+    ) -> None:
+        # The waiters read this instead of each repeating the failed exchange in turn. It
+        # names its writer and its time, so a copy replayed later, or under a lease someone
+        # else holds, is not believed.
         low, high = _FAILURE_TTL[isinstance(error, CredentialsRejected)]
+        ttl = random.uniform(low, high)  # noqa: S311 - spreads retries, not a secret
         marker = json.dumps(
             {
                 "k": key,
                 "r": isinstance(error, CredentialsRejected),
                 "c": error.code,
                 "m": error.message,
+                "h": owner,
+                "w": self._sts_clock.now(),
+                "ttl": ttl,
             }
         ).encode()
-        failure_key = _failure_key(key)
-        value = self.store.cipher.seal(failure_key, marker)
-        ttl = random.uniform(low, high)  # noqa: S311 - spreads retries, not a secret
-        await self._call(self.store.put, failure_key, value, ttl, force=True)
+        value = self.store.cipher.seal(name, marker)
+        await self._call(self.store.put, name, value, ttl, force=True)
 
-    async def _raise_remembered_failure(self, key: str) -> None:
-        failure_key = _failure_key(key)
-        value = await self._call(self.store.get, failure_key)
+    async def _raise_remembered_failure(self, key: str, name: str, holder: str) -> None:
+        value = await self._call(self.store.get, name)
         if not isinstance(value, bytes):
             return
-        plaintext = self.store.cipher.open(failure_key, value)
+        plaintext = self.store.cipher.open(name, value)
         if plaintext is None:
             return
         try:
             data = json.loads(plaintext)
-            if data["k"] != key:
+            if data["k"] != key or data["h"] != holder:
+                return
+            age = self._sts_clock.now() - float(data["w"])
+            if not -_MARKER_SKEW <= age <= float(data["ttl"]) + _MARKER_SKEW:
                 return
             kind = CredentialsRejected if data["r"] else STSUnavailable
-            error = kind(str(data["m"]), code=data["c"] if isinstance(data["c"], str) else None)
+            error = kind(
+                str(data["m"]),
+                code=data["c"] if isinstance(data["c"], str) else None,
+                retry_after=max(0.0, float(data["ttl"]) - age),
+            )
         except (ValueError, KeyError, TypeError):
             return
         raise error
@@ -241,18 +266,26 @@ class SharedTier:
             if await self._call(self.store.extend, key, owner, self.lease_ttl) is not True:
                 return
 
-    async def _read(self, key: str, newer_than: float | None) -> tuple[Credentials, float] | None:
-        value = await self._call(self.store.get, key)
+    async def _read(
+        self, key: str, name: str, newer_than: float | None, rejected: str | None
+    ) -> tuple[Credentials, float] | None:
+        value = await self._call(self.store.get, name)
         if value is None or isinstance(value, _Failed):
             return None
-        found = self._decode(key, value)
+        found = self._decode(key, name, value)
         if found is None:
             self.stats.rejected += 1
             return None
-        credentials, lifetime = found
+        credentials, lifetime, writer_offset = found
+        if rejected is not None and credentials.access_key_id == rejected:
+            return None
+        if writer_offset is not None:
+            # Until this worker has heard STS itself, the writer's view of its clock is a
+            # better guess than none (hosts of a fleet keep their clocks close).
+            self._sts_clock.adopt(writer_offset)
         expires_at = credentials.expiration.timestamp()
-        # The embedded absolute expiry decides, not the store's TTL.
-        if expires_at - self._clock.time() <= MANDATORY_WINDOW + _READ_MARGIN:
+        # The embedded absolute expiry decides, on STS's clock, not the store's TTL.
+        if expires_at - self._sts_clock.now() <= MANDATORY_WINDOW + _READ_MARGIN:
             return None
         if newer_than is not None and expires_at <= newer_than:
             return None
@@ -260,22 +293,25 @@ class SharedTier:
         return credentials, lifetime
 
     async def _write(
-        self, key: str, credentials: Credentials, lifetime: float, *, force: bool = False
+        self, key: str, name: str, credentials: Credentials, lifetime: float, *, force: bool = False
     ) -> bool:
         """Put and announce the credentials; False if the put did not happen."""
-        ttl = credentials.seconds_left(self._clock.time()) - MANDATORY_WINDOW
+        ttl = credentials.expiration.timestamp() - self._sts_clock.now() - MANDATORY_WINDOW
         if ttl <= 0:
             return False
-        value = self.store.cipher.seal(key, _encode(key, credentials, lifetime))
-        if isinstance(await self._call(self.store.put, key, value, ttl, force=force), _Failed):
+        offset = self._sts_clock.offset if self._sts_clock.known else None
+        value = self.store.cipher.seal(name, _encode(key, credentials, lifetime, offset))
+        if isinstance(await self._call(self.store.put, name, value, ttl, force=force), _Failed):
             return False
-        await self._call(self.store.notify, key, force=force)
+        await self._call(self.store.notify, name, force=force)
         return True
 
-    def _decode(self, key: str, value: Any) -> tuple[Credentials, float] | None:
+    def _decode(
+        self, key: str, name: str, value: Any
+    ) -> tuple[Credentials, float, float | None] | None:
         if not isinstance(value, bytes):
             return None
-        plaintext = self.store.cipher.open(key, value)
+        plaintext = self.store.cipher.open(name, value)
         if plaintext is None:
             return None
         try:
@@ -289,6 +325,8 @@ class SharedTier:
                 expiration=datetime.fromtimestamp(float(data["e"]), timezone.utc),
             )
             lifetime = float(data["l"])
+            offset = data.get("o")
+            writer_offset = None if offset is None else float(offset)
         except (ValueError, KeyError, TypeError, OverflowError):
             return None
         if not all(
@@ -300,7 +338,7 @@ class SharedTier:
             )
         ):
             return None
-        return credentials, lifetime
+        return credentials, lifetime, writer_offset
 
     async def _call(
         self,
@@ -378,9 +416,14 @@ class SharedTier:
             logger.warning("stscreds: closing the shared store failed (%s)", type(error).__name__)
 
 
-def _failure_key(key: str) -> str:
-    # A digest again, so the marker's key name reveals nothing either.
-    return hashlib.sha256(b"stscreds/failure|" + key.encode()).hexdigest()
+class _Names:
+    """The store keys of one identity: its value (and lease) and its failure marker."""
+
+    __slots__ = ("failure", "value")
+
+    def __init__(self, value: str, failure: str) -> None:
+        self.value = value
+        self.failure = failure
 
 
 async def _stop(task: asyncio.Task[Any]) -> None:
@@ -389,7 +432,7 @@ async def _stop(task: asyncio.Task[Any]) -> None:
         await task
 
 
-def _encode(key: str, credentials: Credentials, lifetime: float) -> bytes:
+def _encode(key: str, credentials: Credentials, lifetime: float, sts_offset: float | None) -> bytes:
     return json.dumps(
         {
             "k": key,
@@ -398,6 +441,7 @@ def _encode(key: str, credentials: Credentials, lifetime: float) -> bytes:
             "t": credentials.session_token,
             "e": credentials.expiration.timestamp(),
             "l": lifetime,
+            "o": sts_offset,
         },
         separators=(",", ":"),
     ).encode()

@@ -8,7 +8,8 @@ parameters are validated, and the answer is the real STS XML (success or
 pointed at ``StrictSTS.url`` parses it exactly as it would parse AWS.
 
 Unlike moto (which accepts any token), this server fails loudly on anything AWS
-would reject, and it can inject faults (throttling, 5xx, slowness, hangs).
+would reject, and it can inject faults (throttling, 5xx, slowness, hangs, raw malformed
+answers) and skew: the ``Date`` header and ``Expiration`` both come from the injectable clock.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import math
 import re
 import secrets
 import socket
@@ -35,7 +37,7 @@ from xml.sax.saxutils import escape
 
 import jwt
 
-__all__ = ["RecordedCall", "STSError", "StrictSTS"]
+__all__ = ["RecordedCall", "STSError", "StrictSTS", "build_success_xml"]
 
 ACTION = "AssumeRoleWithWebIdentity"
 API_VERSION = "2011-06-15"
@@ -74,14 +76,32 @@ class RecordedCall:
     error_code: str | None = None
     request_id: str = ""
     params: dict[str, str] = field(default_factory=dict)
+    expiration: float | None = None  # POSIX time of the answered Expiration (success only)
+    raw: bool = False  # answered by a respond_raw() fault (body as given, nothing processed)
+
+
+@dataclass(frozen=True)
+class _Raw:
+    body: bytes
+    status: int
+    content_type: str
 
 
 def _random(alphabet: str, n: int) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(n))
 
 
+def _new_credentials() -> tuple[str, str, str]:
+    """Fresh (AccessKeyId, SecretAccessKey, SessionToken) shaped like AWS's."""
+    return (
+        "ASIA" + _random(string.ascii_uppercase + string.digits, 16),
+        _random(string.ascii_letters + string.digits + "+/", 40),
+        base64.b64encode(secrets.token_bytes(384)).decode(),
+    )
+
+
 def _iso8601(ts: float) -> str:
-    return datetime.fromtimestamp(int(ts), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(math.floor(ts), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class StrictSTS:
@@ -107,6 +127,12 @@ class StrictSTS:
         self.leeway = leeway  # seconds of skew tolerated for exp/nbf/iat
         self.delay: float = 0.0
         self.reject_roles: set[str] = set()
+        self.send_date: bool = True
+        """Send the ``Date`` response header (taken from ``clock``); False omits it entirely."""
+        self.grant_seconds: int | None = None
+        """If set, the granted lifetime is ``min(DurationSeconds, grant_seconds)``."""
+        self.expiration: Callable[[float, int], float] | None = None
+        """If set, ``(now, requested duration) -> POSIX Expiration``; wins over grant_seconds."""
         self.jwks_cache_control: str | None = None  # Cache-Control of the last JWKS fetch
         self.jwks_fetches = 0
         self.internal_errors: list[BaseException] = []  # bugs in this server, not in callers
@@ -116,7 +142,8 @@ class StrictSTS:
         self._stopping = threading.Event()
         self._released = threading.Event()
         self._released.set()
-        self._fault: tuple[int | None, str, int, str] | None = None  # (remaining|None, code..)
+        # (remaining calls or None for always, what to answer instead of processing)
+        self._fault: tuple[int | None, STSError | _Raw] | None = None
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
@@ -171,7 +198,7 @@ class StrictSTS:
     ) -> None:
         """Answer the next ``n`` calls with the given STS error instead of processing them."""
         with self._lock:
-            self._fault = (n, code, status, message)
+            self._fault = (n, STSError(code, message, status))
 
     def fail_always(
         self,
@@ -181,9 +208,29 @@ class StrictSTS:
     ) -> None:
         """Answer every call with the given error until :meth:`clear_faults`."""
         with self._lock:
-            self._fault = (None, code, status, message)
+            self._fault = (None, STSError(code, message, status))
+
+    def respond_raw(
+        self,
+        body: bytes,
+        status: int = 200,
+        n: int | None = 1,
+        content_type: str = "text/xml",
+    ) -> None:
+        """Answer the next ``n`` calls (every call if None) with exactly ``body`` and ``status``.
+
+        Counted like other faults (``calls``, a :class:`RecordedCall` with ``raw=True``) but
+        never as a success; replaces any pending fault and is cleared by :meth:`clear_faults`.
+        """
+        if n is not None and n < 1:
+            raise ValueError(f"n must be None or >= 1, got {n}")
+        if not 200 <= status < 600 or status in (204, 304):
+            raise ValueError(f"status {status} cannot carry a body")
+        with self._lock:
+            self._fault = (n, _Raw(bytes(body), status, content_type))
 
     def clear_faults(self) -> None:
+        """Drop any pending fail_next/fail_always/respond_raw fault."""
         with self._lock:
             self._fault = None
 
@@ -194,6 +241,7 @@ class StrictSTS:
         with self._lock:
             self.calls = 0
             self.successes = 0
+            self.connections_accepted = 0  # TCP connections; stays 1 while keep-alive works
             self.requests: list[RecordedCall] = []
 
     def calls_for(self, role_arn: str) -> int:
@@ -255,13 +303,13 @@ class StrictSTS:
 
     # -- request processing --------------------------------------------------------------
 
-    def _handle(self, params: dict[str, str], request_id: str) -> tuple[int, str]:
-        """Process one request; returns (status, xml body). Raises nothing."""
+    def _handle(self, params: dict[str, str], request_id: str) -> tuple[int, bytes, str]:
+        """Process one request; returns (status, body, content type). Raises nothing."""
         action, version = params.get("Action"), params.get("Version")
         if action != ACTION or version != API_VERSION:
             msg = f"Could not find operation {action} for version {version}"
             err = STSError("InvalidAction", msg)
-            return err.status, _error_xml(err, request_id)
+            return err.status, _error_xml(err, request_id), "text/xml"
         with self._arrived:
             self.calls += 1
             self._arrived.notify_all()
@@ -270,7 +318,7 @@ class StrictSTS:
             self._stopping.wait(self.delay)
         if self._stopping.is_set():
             err = STSError("ServiceUnavailable", "Server is shutting down", 503)
-            return err.status, _error_xml(err, request_id)
+            return err.status, _error_xml(err, request_id), "text/xml"
 
         rec = RecordedCall(
             role_arn=params.get("RoleArn"),
@@ -280,10 +328,15 @@ class StrictSTS:
             request_id=request_id,
             params=params,
         )
+        content_type = "text/xml"
         try:
-            self._take_fault()
-            body = self._assume(params, rec)
-            rec.status = 200
+            raw = self._take_fault()
+            if raw is not None:
+                rec.status, rec.raw = raw.status, True
+                body, content_type = raw.body, raw.content_type
+            else:
+                body = self._assume(params, rec)
+                rec.status = 200
         except STSError as err:
             rec.status, rec.error_code = err.status, err.code
             body = _error_xml(err, request_id)
@@ -294,19 +347,36 @@ class StrictSTS:
             body = _error_xml(bug, request_id)
         with self._lock:
             self.requests.append(rec)
-            self.successes += rec.status == 200
-        return rec.status, body
+            self.successes += rec.status == 200 and not rec.raw
+        return rec.status, body, content_type
 
-    def _take_fault(self) -> None:
+    def _take_fault(self) -> _Raw | None:
+        """Consume one pending fault: raise an STSError one, return a raw one."""
         with self._lock:
             if self._fault is None:
-                return
-            remaining, code, status, message = self._fault
+                return None
+            remaining, fault = self._fault
             if remaining is not None:
-                self._fault = (remaining - 1, code, status, message) if remaining > 1 else None
-        raise STSError(code, message, status)
+                self._fault = (remaining - 1, fault) if remaining > 1 else None
+        if isinstance(fault, _Raw):
+            return fault
+        raise STSError(fault.code, fault.message, fault.status)
 
-    def _assume(self, params: dict[str, str], rec: RecordedCall) -> str:
+    def _expiration(self, now: float, duration: int) -> float:
+        if self.expiration is not None:
+            return self.expiration(now, duration)
+        if self.grant_seconds is not None:
+            return now + min(duration, self.grant_seconds)
+        return now + duration
+
+    def _date_header_time(self) -> float:
+        try:
+            return self.clock()
+        except Exception as exc:  # a broken test clock must not drop the connection
+            self.internal_errors.append(exc)
+            return time.time()
+
+    def _assume(self, params: dict[str, str], rec: RecordedCall) -> bytes:
         # Parameter validation comes before token verification, as on AWS.
         role_arn, session, token = rec.role_arn, rec.session_name, params.get("WebIdentityToken")
         for name, value in (
@@ -354,31 +424,27 @@ class StrictSTS:
                 "AccessDenied", "Not authorized to perform sts:AssumeRoleWithWebIdentity", 403
             )
 
-        partition, account, role_name = arn.groups()
         now = self.clock()
+        expiration = math.floor(self._expiration(now, duration))
+        key_id, secret, session_token = _new_credentials()
         creds = {
-            "AccessKeyId": "ASIA" + _random(string.ascii_uppercase + string.digits, 16),
-            "SecretAccessKey": _random(string.ascii_letters + string.digits + "+/", 40),
-            "SessionToken": base64.b64encode(secrets.token_bytes(384)).decode(),
-            "Expiration": _iso8601(now + duration),
+            "AccessKeyId": key_id,
+            "SecretAccessKey": secret,
+            "SessionToken": session_token,
+            "Expiration": _iso8601(expiration),
         }
-        rec.credentials = creds
-        role_id = "AROA" + hashlib.sha256(role_arn.encode()).hexdigest()[:17].upper()
-        issuer_host = str(claims["iss"]).split("://", 1)[-1]
-        fields = {
-            "Credentials": creds,
-            "SubjectFromWebIdentityToken": claims["sub"],
-            "AssumedRoleUser": {
-                "AssumedRoleId": f"{role_id}:{session}",
-                "Arn": f"arn:{partition}:sts::{account}:assumed-role/{role_name}/{session}",
-            },
-            "Provider": f"arn:{partition}:iam::{account}:oidc-provider/{issuer_host}",
-            "Audience": aud,
-        }
-        return (
-            f'<{ACTION}Response xmlns="{XMLNS}"><{ACTION}Result>{_xml(fields)}</{ACTION}Result>'
-            f"<ResponseMetadata><RequestId>{rec.request_id}</RequestId></ResponseMetadata>"
-            f"</{ACTION}Response>"
+        rec.credentials, rec.expiration = creds, float(expiration)
+        return build_success_xml(
+            expiration,
+            creds["AccessKeyId"],
+            creds["SecretAccessKey"],
+            creds["SessionToken"],
+            role_arn=role_arn,
+            session_name=session,
+            subject=claims["sub"],
+            audience=aud,
+            issuer=str(claims["iss"]),
+            request_id=rec.request_id,
         )
 
     def _verify(self, token: str, rec: RecordedCall) -> tuple[dict[str, Any], str]:
@@ -473,19 +539,70 @@ class StrictSTS:
         return document
 
 
+def build_success_xml(
+    expiration: float | None,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+    session_token: str | None = None,
+    *,
+    omit: Iterable[str] = (),
+    role_arn: str = "arn:aws:iam::123456789012:role/test",
+    session_name: str = "session",
+    subject: str = "user",
+    audience: str = "sts.amazonaws.com",
+    issuer: str = "http://127.0.0.1/issuer",
+    request_id: str | None = None,
+) -> bytes:
+    """Real STS AssumeRoleWithWebIdentity success XML (as StrictSTS answers it).
+
+    Credential values default to fresh random ones; ``expiration=None`` or naming a
+    ``Credentials`` child in ``omit`` leaves that element out (for :meth:`StrictSTS.respond_raw`).
+    """
+    key_id, secret, token = _new_credentials()
+    creds = {
+        "AccessKeyId": key_id if access_key_id is None else access_key_id,
+        "SecretAccessKey": secret if secret_access_key is None else secret_access_key,
+        "SessionToken": token if session_token is None else session_token,
+        "Expiration": None if expiration is None else _iso8601(expiration),
+    }
+    omitted = set(omit)
+    creds = {k: v for k, v in creds.items() if v is not None and k not in omitted}
+    arn = _ROLE_ARN.fullmatch(role_arn)
+    if arn is None:
+        raise ValueError(f"not a role ARN: {role_arn!r}")
+    partition, account, role_name = arn.groups()
+    role_id = "AROA" + hashlib.sha256(role_arn.encode()).hexdigest()[:17].upper()
+    issuer_host = issuer.split("://", 1)[-1]
+    fields = {
+        "Credentials": creds,
+        "SubjectFromWebIdentityToken": subject,
+        "AssumedRoleUser": {
+            "AssumedRoleId": f"{role_id}:{session_name}",
+            "Arn": f"arn:{partition}:sts::{account}:assumed-role/{role_name}/{session_name}",
+        },
+        "Provider": f"arn:{partition}:iam::{account}:oidc-provider/{issuer_host}",
+        "Audience": audience,
+    }
+    return (
+        f'<{ACTION}Response xmlns="{XMLNS}"><{ACTION}Result>{_xml(fields)}</{ACTION}Result>'
+        f"<ResponseMetadata><RequestId>{request_id or uuid.uuid4()}</RequestId>"
+        f"</ResponseMetadata></{ACTION}Response>"
+    ).encode()
+
+
 def _xml(value: Any) -> str:
     if isinstance(value, dict):
         return "".join(f"<{k}>{_xml(v)}</{k}>" for k, v in value.items())
     return escape(str(value))
 
 
-def _error_xml(err: STSError, request_id: str) -> str:
+def _error_xml(err: STSError, request_id: str) -> bytes:
     kind = "Receiver" if err.status >= 500 else "Sender"
     return (
         f'<ErrorResponse xmlns="{XMLNS}"><Error><Type>{kind}</Type><Code>{escape(err.code)}'
         f"</Code><Message>{escape(err.message)}</Message></Error>"
         f"<RequestId>{request_id}</RequestId></ErrorResponse>"
-    )
+    ).encode()
 
 
 class _Server(ThreadingHTTPServer):
@@ -502,6 +619,7 @@ class _Server(ThreadingHTTPServer):
         # serve_forever() has returned (tracking in the handler thread would race).
         with self.sts._lock:
             self.sts._connections.add(request)
+            self.sts.connections_accepted += 1
         super().process_request(request, client_address)
 
     def shutdown_request(self, request: Any) -> None:
@@ -526,14 +644,28 @@ class _Handler(BaseHTTPRequestHandler):
         query = urlsplit(self.path).query
         params = {k: v[-1] for k, v in parse_qs(query + "&" + body, keep_blank_values=True).items()}
         request_id = str(uuid.uuid4())
-        status, xml = self.server.sts._handle(params, request_id)
-        payload = xml.encode()
+        status, payload, content_type = self.server.sts._handle(params, request_id)
         self.send_response(status)
-        self.send_header("Content-Type", "text/xml")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("x-amzn-RequestId", request_id)
         self.end_headers()
         self.wfile.write(payload)
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        if self.server.sts.send_date:
+            super().send_response(code, message)  # Date via date_time_string() below
+            return
+        # BaseHTTPRequestHandler.send_response() minus the Date header.
+        self.log_request(code)
+        self.send_response_only(code, message)
+        self.send_header("Server", self.version_string())
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        # The Date header tells the server's (injectable, possibly skewed) time, like AWS's.
+        if timestamp is None:
+            timestamp = self.server.sts._date_header_time()
+        return super().date_time_string(timestamp)
 
     def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
         pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import os
 from collections.abc import Sequence
 
@@ -44,7 +45,7 @@ class StoreCipher:
     fails to open. Without keys it refuses to exist unless ``allow_plaintext=True``.
     """
 
-    __slots__ = ("_ring", "allow_plaintext")
+    __slots__ = ("_names", "_ring", "allow_plaintext")
 
     def __init__(
         self, keys: Sequence[bytes | str] | None = None, *, allow_plaintext: bool = False
@@ -66,11 +67,21 @@ class StoreCipher:
             )
         self._ring = ring
         self.allow_plaintext = allow_plaintext
+        # Store key names are keyed digests: a digest of a tenant name or role ARN alone can
+        # be reversed with a word list. Derived from the first (newest) key, so all values
+        # under one set of names are sealed with one key; a rotation renames them once.
+        first = _decode_key(keys[0], 0) if keys else b""
+        self._names = hmac.new(first, b"stscreds/store-key-names/v1", hashlib.sha256).digest()
 
     @property
     def encrypts(self) -> bool:
         """True when values are encrypted (there is at least one key)."""
         return bool(self._ring)
+
+    def store_key(self, name: str) -> str:
+        """The key under which ``name`` is kept in the store: an HMAC under a key derived
+        from the encryption keys, so names reveal nothing to someone who can list keys."""
+        return hmac.new(self._names, name.encode(), hashlib.sha256).hexdigest()
 
     def seal(self, key: str, plaintext: bytes) -> bytes:
         """Encrypt ``plaintext`` for storage under ``key``."""

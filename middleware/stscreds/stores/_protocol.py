@@ -45,6 +45,10 @@ class CredentialStore(Protocol):
         """Push the lease's expiry to ``ttl`` seconds from now if ``owner`` holds it."""
         ...
 
+    async def holder(self, key: str) -> str | None:
+        """The owner holding the lease on ``key`` now, or None if nobody does."""
+        ...
+
     async def notify(self, key: str) -> None:
         """Tell waiters on ``key`` (in any process) that a new value was put."""
         ...

@@ -67,6 +67,13 @@ class MemoryStore:
         self._leases[key] = (owner, now + ttl)
         return True
 
+    async def holder(self, key: str) -> str | None:
+        """The owner of the lease on ``key`` unless it expired."""
+        lease = self._leases.get(key)
+        if lease is None or lease[1] <= self._clock():
+            return None
+        return lease[0]
+
     async def notify(self, key: str) -> None:
         """Wake every waiter on ``key``."""
         for waiter in self._waiters.pop(key, ()):
@@ -89,7 +96,10 @@ class MemoryStore:
                     del self._waiters[key]
 
     async def aclose(self) -> None:
-        """Forget everything."""
+        """Nothing to release: values and leases stay for the other brokers sharing them."""
+
+    def clear(self) -> None:
+        """Forget every value and lease (for tests)."""
         self._values.clear()
         self._leases.clear()
 

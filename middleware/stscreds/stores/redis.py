@@ -166,6 +166,14 @@ class RedisStore:
         args: list[str | int] = [owner, _ms(ttl)]
         return bool(await self._extend(keys=[self._prefix + "l:" + key], args=args))
 
+    async def holder(self, key: str) -> str | None:
+        """The owner of the live lease on ``key``, or None (Redis expires leases itself)."""
+        self._check_open()
+        owner = await self._client.get(self._prefix + "l:" + key)
+        if owner is None:
+            return None
+        return owner.decode("utf-8", "replace") if isinstance(owner, bytes) else str(owner)
+
     async def notify(self, key: str) -> None:
         """Wake the waiters on ``key`` in every process (this one too), through Redis."""
         self._check_open()

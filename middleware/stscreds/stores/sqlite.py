@@ -157,6 +157,11 @@ class SQLiteStore:
         """Push the lease to ``ttl`` seconds from now if ``owner`` holds it and it is live."""
         return await self._run(lambda conn: self._extend(conn, key, owner, ttl))
 
+    async def holder(self, key: str) -> str | None:
+        """The owner of the live lease on ``key``, or None."""
+        _token, owner = await self._run(lambda conn: self._read_watch(conn, key))
+        return owner
+
     async def notify(self, key: str) -> None:
         """Wake this store's waiters on ``key`` now, other processes' at their next poll."""
         self._wake(key)
