@@ -45,7 +45,8 @@ from stscreds import (
     SigningKey,
     STSUnavailable,
 )
-from stscreds._shared import SharedTier, _encode, _failure_key
+from stscreds._clock import StsClock
+from stscreds._shared import SharedTier, _encode
 from stscreds.stores import MemoryStore, RedisStore, generate_key
 
 ACCOUNT = "123456789012"
@@ -551,11 +552,12 @@ async def test_a_redis_connection_dropped_while_idle_is_not_an_outage(
     exchange = Exchange(clock)
     raw = AsyncRedis.from_url(redis_url)
     try:
-        await tier.obtain(KEY, exchange, lifetime=3600.0, newer_than=None)  # pools a connection
+        await tier.obtain(KEY, exchange, newer_than=None)  # pools a connection
         assert await raw.client_kill_filter(_type="normal", skipme=True) >= 1
-        await tier.obtain(OTHER_KEY, exchange, lifetime=3600.0, newer_than=None)
+        await tier.obtain(OTHER_KEY, exchange, newer_than=None)
         assert (tier.stats.errors, tier.stats.outages, tier.stats.leases) == (0, 0, 2)
-        assert await raw.exists(f"{PREFIX}v:{OTHER_KEY}")  # shared with the fleet
+        # Shared with the fleet, under its keyed store name.
+        assert await raw.exists(f"{PREFIX}v:{value_name(store, OTHER_KEY)}")
         assert "unavailable" not in caplog.text
     finally:
         await raw.aclose()
@@ -568,17 +570,19 @@ async def test_a_redis_connection_dropped_while_idle_is_not_an_outage(
 @pytest.fixture
 async def redis_brokers(
     strict_sts: StrictSTS, redis_url: str
-) -> AsyncIterator[Callable[[], CredentialBroker]]:
-    """Fresh brokers (as fresh worker processes would be) sharing one RedisStore config."""
+) -> AsyncIterator[Callable[..., CredentialBroker]]:
+    """Fresh brokers (as fresh worker processes would be) sharing one RedisStore config.
+
+    ``make(keys=[...])`` gives a broker other store encryption keys (a rotation)."""
     signing_key, store_key = SigningKey.generate("ES256"), generate_key()
     brokers: list[CredentialBroker] = []
 
-    def make() -> CredentialBroker:
+    def make(keys: Sequence[str] | None = None) -> CredentialBroker:
         broker = CredentialBroker(
             issuer="http://127.0.0.1:9/fleet",
             signing_keys=[signing_key],
             sts_endpoint_url=strict_sts.url,
-            store=RedisStore(redis_url, encryption_keys=[store_key]),
+            store=RedisStore(redis_url, encryption_keys=list(keys or [store_key])),
             store_timeout=2.0,
             exchange_deadline=5.0,
         )
@@ -591,8 +595,14 @@ async def redis_brokers(
         await broker.aclose()
 
 
+def store_name(broker: CredentialBroker, role: Role) -> str:
+    """The keyed name under which ``broker``'s store keeps ``role``'s credentials."""
+    assert broker._shared is not None
+    return str(broker._shared.store.cipher.store_key(broker.identity_key(role)))
+
+
 async def test_tampered_or_swapped_redis_values_are_refetched_never_served(
-    redis_brokers: Callable[[], CredentialBroker], strict_sts: StrictSTS, redis_url: str
+    redis_brokers: Callable[..., CredentialBroker], strict_sts: StrictSTS, redis_url: str
 ) -> None:
     alice = Role(arn("tenant-a"), subject="alice")
     bob = Role(arn("tenant-b"), subject="bob")
@@ -601,7 +611,7 @@ async def test_tampered_or_swapped_redis_values_are_refetched_never_served(
     assert strict_sts.calls == 2
     raw = AsyncRedis.from_url(redis_url)
     try:
-        names = {role: f"{PREFIX}v:{writer.identity_key(role)}" for role in (alice, bob)}
+        names = {role: f"{PREFIX}v:{store_name(writer, role)}" for role in (alice, bob)}
         stored = sorted([k.decode() async for k in raw.scan_iter(match=f"{PREFIX}v:*")])
         assert stored == sorted(names.values())
 
@@ -626,10 +636,13 @@ async def test_tampered_or_swapped_redis_values_are_refetched_never_served(
             served.append(got.access_key_id)
         assert stats.hits == 0
         assert first[alice].access_key_id not in served and len(set(served)) == 5
-        # The last refetch replaced the tampered value: the next cold reader shares it.
-        reader.invalidate(alice)
-        assert (await reader.get(alice)).access_key_id == served[-1]
-        assert stats.hits == 1 and strict_sts.calls_for(alice.arn) == 6
+        # The last refetch replaced the tampered value: the next cold reader shares it. A new
+        # broker, not `reader` after invalidate(): invalidating marks the dropped key as
+        # rejected, and that broker never takes it from the store again.
+        fresh = redis_brokers()
+        assert (await fresh.get(alice)).access_key_id == served[-1]
+        assert fresh.store_stats is not None and fresh.store_stats.hits == 1
+        assert strict_sts.calls_for(alice.arn) == 6
 
         # Swap the two identities' values between their keys: neither is served to the other.
         a_value, b_value = await raw.get(names[alice]), await raw.get(names[bob])
@@ -692,21 +705,32 @@ class Exchange:
         self.gate: asyncio.Event | None = None
         self.error: BaseException | None = None
 
-    async def __call__(self) -> Credentials:
+    async def __call__(self) -> tuple[Credentials, float]:
         self.calls += 1
         if self.gate is not None:
             await self.gate.wait()
         if self.error is not None:
             raise self.error
-        return credentials(self.clock.time() + self.lifetime, f"X{self.calls}")
+        return credentials(self.clock.time() + self.lifetime, f"X{self.calls}"), self.lifetime
+
+
+def value_name(store: Any, key: str) -> str:
+    """The store key under which the tier keeps the value (and lease) of identity ``key``."""
+    return str(store.cipher.store_key(key))
+
+
+def marker_name(store: Any, key: str) -> str:
+    """The store key of identity ``key``'s failure marker."""
+    return str(store.cipher.store_key(f"f|{key}"))
 
 
 def plant(
-    store: MemoryStore, key: str, creds: Credentials, *, sealed_for: str | None = None
+    store: MemoryStore, key: str, creds: Credentials, *, sts_offset: float | None = None
 ) -> None:
-    """Put a value the way a worker would (sealed for ``sealed_for``, default ``key``)."""
-    aad = sealed_for or key
-    store._values[key] = (store.cipher.seal(aad, _encode(aad, creds, 3600.0)), float("inf"))
+    """Put a value the way a worker would: sealed under identity ``key``'s store name."""
+    name = value_name(store, key)
+    value = store.cipher.seal(name, _encode(key, creds, 3600.0, sts_offset))
+    store._values[name] = (value, float("inf"))
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -718,8 +742,11 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
         await asyncio.sleep(0.005)
 
 
-def make_tier(store: Any, clock: FakeClock, **kwargs: Any) -> SharedTier:
-    return SharedTier(store, clock=clock, **kwargs)
+def make_tier(
+    store: Any, clock: FakeClock, *, sts_clock: StsClock | None = None, **kwargs: Any
+) -> SharedTier:
+    """A tier on ``clock`` (as STS's clock, offset unknown unless ``sts_clock`` is given)."""
+    return SharedTier(store, sts_clock=sts_clock or StsClock(clock), **kwargs)
 
 
 @pytest.fixture
@@ -738,10 +765,7 @@ async def test_tiers_sharing_a_store_make_one_exchange(
     exchange = Exchange(clock)
     exchange.gate = asyncio.Event()
     tiers = [make_tier(store, clock, wait_slice=30.0) for _ in range(8)]
-    tasks = [
-        asyncio.create_task(t.obtain(KEY, exchange, lifetime=3600.0, newer_than=None))
-        for t in tiers
-    ]
+    tasks = [asyncio.create_task(t.obtain(KEY, exchange, newer_than=None)) for t in tiers]
     await eventually(lambda: sum(t.stats.waits for t in tiers) == 7)
     exchange.gate.set()
     results = await asyncio.wait_for(asyncio.gather(*tasks), 5.0)
@@ -756,10 +780,11 @@ async def test_tiers_sharing_a_store_make_one_exchange(
 async def test_dead_holders_lease_is_taken_over_once_it_expires(
     store: MemoryStore, clock: FakeClock
 ) -> None:
-    assert await store.acquire(KEY, "killed-worker", 10.0)
-    tier = make_tier(store, clock, lease_ttl=30.0, wait_slice=0.02)
+    assert await store.acquire(value_name(store, KEY), "killed-worker", 10.0)
+    # Patient enough that only the lease's expiry, not giving up, can end the wait.
+    tier = make_tier(store, clock, lease_ttl=30.0, lease_wait=30.0, wait_slice=0.02)
     exchange = Exchange(clock)
-    task = asyncio.create_task(tier.obtain(KEY, exchange, lifetime=3600.0, newer_than=None))
+    task = asyncio.create_task(tier.obtain(KEY, exchange, newer_than=None))
     await eventually(lambda: tier.stats.waits >= 2)
     assert exchange.calls == 0 and not task.done()  # the lease is still live: it waits
 
@@ -768,7 +793,7 @@ async def test_dead_holders_lease_is_taken_over_once_it_expires(
     assert exchange.calls == 1 and tier.stats.leases == 1
     assert store._leases == {}  # released after the put
     fresh = make_tier(store, clock)
-    assert (await fresh.obtain(KEY, exchange, lifetime=3600.0, newer_than=None))[0] == got
+    assert (await fresh.obtain(KEY, exchange, newer_than=None))[0] == got
     assert exchange.calls == 1
 
 
@@ -782,14 +807,17 @@ async def test_a_holder_still_exchanging_keeps_its_lease(clock: FakeClock) -> No
     """
     store = MemoryStore(encryption_keys=[generate_key()])
     lease_ttl = 0.5
-    holder, waiter = (make_tier(store, clock, lease_ttl=lease_ttl, wait_slice=0.02) for _ in "ab")
+    holder, waiter = (
+        make_tier(store, clock, lease_ttl=lease_ttl, lease_wait=4 * lease_ttl, wait_slice=0.02)
+        for _ in "ab"
+    )
     exchange = Exchange(clock)
     exchange.gate = asyncio.Event()
-    holding = asyncio.create_task(holder.obtain(KEY, exchange, lifetime=3600.0, newer_than=None))
+    holding = asyncio.create_task(holder.obtain(KEY, exchange, newer_than=None))
     await eventually(lambda: exchange.calls == 1)
-    waiting = asyncio.create_task(waiter.obtain(KEY, exchange, lifetime=3600.0, newer_than=None))
+    waiting = asyncio.create_task(waiter.obtain(KEY, exchange, newer_than=None))
     try:
-        # The exchange outlasts the lease TTL, but not the waiter's patience (2 x lease_ttl,
+        # The exchange outlasts the lease TTL, but not the waiter's patience (lease_wait,
         # after which it would go to STS alone, lease or not).
         await asyncio.wait({waiting}, timeout=1.5 * lease_ttl)
         assert exchange.calls == 1, "a waiter took the lease of a live holder and exchanged"
@@ -807,13 +835,9 @@ async def test_failed_exchange_wakes_the_waiters_and_frees_the_lease(
     holder_exchange.error = RuntimeError("STS said no")
     holder, waiter = make_tier(store, clock, wait_slice=30.0), make_tier(store, clock)
     waiter.wait_slice = 30.0
-    failing = asyncio.create_task(
-        holder.obtain(KEY, holder_exchange, lifetime=3600.0, newer_than=None)
-    )
+    failing = asyncio.create_task(holder.obtain(KEY, holder_exchange, newer_than=None))
     await eventually(lambda: holder_exchange.calls == 1)
-    waiting = asyncio.create_task(
-        waiter.obtain(KEY, waiter_exchange, lifetime=3600.0, newer_than=None)
-    )
+    waiting = asyncio.create_task(waiter.obtain(KEY, waiter_exchange, newer_than=None))
     await eventually(lambda: waiter.stats.waits == 1)
     holder_exchange.gate.set()
     with pytest.raises(RuntimeError):
@@ -833,27 +857,27 @@ async def test_refresh_never_accepts_credentials_that_are_not_newer(
     exchange = Exchange(clock)
 
     # The store's value is the one the caller already has: exchange.
-    got, _ = await tier.obtain(KEY, exchange, lifetime=3600.0, newer_than=current)
+    got, _ = await tier.obtain(KEY, exchange, newer_than=current)
     assert exchange.calls == 1 and got.expiration.timestamp() == T0 + 3600.0
     # A cold reader (newer_than=None) or an older holder takes what is stored.
-    got, _ = await tier.obtain(KEY, exchange, lifetime=3600.0, newer_than=current)
+    got, _ = await tier.obtain(KEY, exchange, newer_than=current)
     assert exchange.calls == 1 and got.access_key_id == "ASIA00000000000000X1"
     # Exactly as new as the caller's is not newer.
-    got, _ = await tier.obtain(KEY, exchange, lifetime=3600.0, newer_than=T0 + 3600.0)
+    got, _ = await tier.obtain(KEY, exchange, newer_than=T0 + 3600.0)
     assert exchange.calls == 2
 
     # While another worker holds the lease, a put that is not newer does not end the wait.
     other = "c" * 64
     plant(store, other, credentials(current, "OLD"))
-    assert await store.acquire(other, "other-worker", 60.0)
-    waiting = asyncio.create_task(tier.obtain(other, exchange, lifetime=3600.0, newer_than=current))
+    assert await store.acquire(value_name(store, other), "other-worker", 60.0)
+    waiting = asyncio.create_task(tier.obtain(other, exchange, newer_than=current))
     await eventually(lambda: tier.stats.waits == 1)
     plant(store, other, credentials(current - 100.0, "OLDER"))
-    await store.notify(other)
+    await store.notify(value_name(store, other))
     await eventually(lambda: tier.stats.waits == 2)
     assert not waiting.done()
     plant(store, other, credentials(current + 1.0, "NEWER"))
-    await store.notify(other)
+    await store.notify(value_name(store, other))
     got, _ = await asyncio.wait_for(waiting, 5.0)
     assert got.access_key_id == "ASIA00000000000NEWER"
     assert exchange.calls == 2
@@ -865,7 +889,7 @@ async def test_values_with_65s_or_less_left_are_not_served(
 ) -> None:
     plant(store, KEY, credentials(T0 + left, "STORED"))
     exchange = Exchange(clock)
-    got, _ = await make_tier(store, clock).obtain(KEY, exchange, lifetime=3600.0, newer_than=None)
+    got, _ = await make_tier(store, clock).obtain(KEY, exchange, newer_than=None)
     assert (got.access_key_id == "ASIA0000000000STORED") is served
     assert exchange.calls == (0 if served else 1)
 
@@ -875,28 +899,36 @@ async def test_values_that_do_not_open_for_this_key_are_rejected(
 ) -> None:
     planted = credentials(T0 + 3600.0, "PLANTED")
     foreign = MemoryStore(encryption_keys=[generate_key()])
+    here, there = value_name(store, KEY), value_name(store, OTHER_KEY)
+
+    def encoded(key: str) -> bytes:
+        return _encode(key, planted, 1.0, None)
+
     cases: dict[str, Any] = {
         # Sealed for another key and copied here: the associated data does not match.
-        "copied from another key": store.cipher.seal(OTHER_KEY, _encode(OTHER_KEY, planted, 1.0)),
+        "copied from another key": store.cipher.seal(there, encoded(OTHER_KEY)),
         # Sealed for this key but naming another one inside.
-        "names another key": store.cipher.seal(KEY, _encode(OTHER_KEY, planted, 1.0)),
-        "another encryption key": foreign.cipher.seal(KEY, _encode(KEY, planted, 1.0)),
-        "plaintext": b"\x00" + _encode(KEY, planted, 1.0),
+        "names another key": store.cipher.seal(here, encoded(OTHER_KEY)),
+        # Sealed under the identity key itself (not its store name), as before keyed names.
+        "sealed for the identity key": store.cipher.seal(KEY, encoded(KEY)),
+        # Sealed under this identity's failure marker name and copied to its value name.
+        "sealed for the marker name": store.cipher.seal(marker_name(store, KEY), encoded(KEY)),
+        "another encryption key": foreign.cipher.seal(here, encoded(KEY)),
+        "plaintext": b"\x00" + encoded(KEY),
         "garbage": b"\x01" + bytes(64),
         "empty": b"",
-        "not bytes": _encode(KEY, planted, 1.0).decode(),
-        "not JSON": store.cipher.seal(KEY, b"{"),
-        "missing fields": store.cipher.seal(KEY, json.dumps({"k": KEY}).encode()),
-        "empty secret": store.cipher.seal(
-            KEY, _encode(KEY, planted, 1.0).replace(b'"secret-PLANTED"', b'""')
-        ),
+        "not bytes": encoded(KEY).decode(),
+        "not JSON": store.cipher.seal(here, b"{"),
+        "missing fields": store.cipher.seal(here, json.dumps({"k": KEY}).encode()),
+        "empty secret": store.cipher.seal(here, encoded(KEY).replace(b'"secret-PLANTED"', b'""')),
     }
-    assert store.cipher.open(KEY, cases["copied from another key"]) is None
+    assert store.cipher.open(here, cases["copied from another key"]) is None
+    assert store.cipher.open(there, cases["copied from another key"]) == encoded(OTHER_KEY)
     for name, value in cases.items():
-        store._values[KEY] = (value, float("inf"))
+        store._values[here] = (value, float("inf"))
         tier = make_tier(store, clock)
         exchange = Exchange(clock)
-        got, _ = await tier.obtain(KEY, exchange, lifetime=3600.0, newer_than=None)
+        got, _ = await tier.obtain(KEY, exchange, newer_than=None)
         assert got.access_key_id != planted.access_key_id, name
         # Rejected on the first read and on the re-read under the lease.
         assert exchange.calls == 1 and tier.stats.rejected == 2, name
@@ -957,7 +989,7 @@ async def test_an_outage_is_logged_once_and_the_recovery_once(
 
     async def obtain_all(keys: Sequence[str]) -> None:
         for key in keys:
-            await tier.obtain(key, exchange, lifetime=3600.0, newer_than=None)
+            await tier.obtain(key, exchange, newer_than=None)
 
     store.down = True
     await obtain_all([f"{n:064x}" for n in range(20)])
@@ -986,7 +1018,7 @@ async def test_open_breaker_keeps_the_store_out_of_the_request_path(
     exchange = Exchange(clock)
     store.down = True
     for n in range(10):
-        await tier.obtain(f"{n:064x}", exchange, lifetime=3600.0, newer_than=None)
+        await tier.obtain(f"{n:064x}", exchange, newer_than=None)
     assert store.attempts == 1 and tier.stats.errors == 1  # then skipped for the cooldown
     assert exchange.calls == 10
     assert len(store_logs(caplog)) == 1
@@ -1003,9 +1035,7 @@ async def test_slow_store_costs_one_timeout_then_is_skipped(clock: FakeClock) ->
     loop = asyncio.get_running_loop()
     started = loop.time()
     for n in range(5):
-        await asyncio.wait_for(
-            tier.obtain(f"{n:064x}", exchange, lifetime=3600.0, newer_than=None), 5.0
-        )
+        await asyncio.wait_for(tier.obtain(f"{n:064x}", exchange, newer_than=None), 5.0)
     # The first call may take the first-contact allowance (1 s), later ones are skipped.
     assert loop.time() - started < 2.0
     assert exchange.calls == 5 and tier.stats.errors == 1
@@ -1026,7 +1056,7 @@ async def test_first_contact_may_take_longer_than_the_op_timeout(clock: FakeCloc
     backend = SlowToConnect(encryption_keys=[generate_key()], clock=clock)
     tier = make_tier(backend, clock, op_timeout=0.05)
     exchange = Exchange(clock)
-    await tier.obtain(f"{1:064x}", exchange, lifetime=3600.0, newer_than=None)
+    await tier.obtain(f"{1:064x}", exchange, newer_than=None)
     assert tier.stats.errors == 0 and exchange.calls == 1
 
     class Hanging(MemoryStore):
@@ -1039,7 +1069,7 @@ async def test_first_contact_may_take_longer_than_the_op_timeout(clock: FakeCloc
     tier.store.cipher = backend.cipher
     loop = asyncio.get_running_loop()
     started = loop.time()
-    await tier.obtain(f"{2:064x}", exchange, lifetime=3600.0, newer_than=None)
+    await tier.obtain(f"{2:064x}", exchange, newer_than=None)
     assert loop.time() - started < 0.9
     assert tier.stats.errors == 1
 
@@ -1087,13 +1117,10 @@ async def test_waiters_take_the_holders_failure_instead_of_repeating_it(
     holder = make_tier(store, clock, wait_slice=30.0)
     waiters = [make_tier(store, clock, wait_slice=30.0) for _ in range(3)]
     waiter_exchange = Exchange(clock)
-    failing = asyncio.create_task(
-        holder.obtain(KEY, holder_exchange, lifetime=3600.0, newer_than=None)
-    )
+    failing = asyncio.create_task(holder.obtain(KEY, holder_exchange, newer_than=None))
     await eventually(lambda: holder_exchange.calls == 1)
     waiting = [
-        asyncio.create_task(w.obtain(KEY, waiter_exchange, lifetime=3600.0, newer_than=None))
-        for w in waiters
+        asyncio.create_task(w.obtain(KEY, waiter_exchange, newer_than=None)) for w in waiters
     ]
     await eventually(lambda: all(w.stats.waits == 1 for w in waiters))
     holder_exchange.gate.set()
@@ -1102,11 +1129,12 @@ async def test_waiters_take_the_holders_failure_instead_of_repeating_it(
         await failing
     assert waiter_exchange.calls == 0
     assert all(type(r) is kind and r.code == error.code for r in results)  # type: ignore[attr-defined]
+    # The holder's message, and when a retry may succeed: when the marker runs out.
+    assert all(str(r) == str(error) for r in results)
+    assert all(0 < r.retry_after <= 5.0 for r in results)  # type: ignore[attr-defined]
     # Remembered only briefly: once it has expired, a new caller exchanges again.
     clock.advance(10.0)
-    got, _ = await make_tier(store, clock).obtain(
-        KEY, waiter_exchange, lifetime=3600.0, newer_than=None
-    )
+    got, _ = await make_tier(store, clock).obtain(KEY, waiter_exchange, newer_than=None)
     assert waiter_exchange.calls == 1 and got.access_key_id == "ASIA00000000000000X1"
 
 
@@ -1116,32 +1144,44 @@ async def test_the_failure_marker_reveals_nothing_and_is_bound_to_its_identity(
     exchange = Exchange(clock)
     exchange.error = CredentialsRejected("Not authorized for tenant-acme", code="AccessDenied")
     with pytest.raises(CredentialsRejected):
-        await make_tier(store, clock).obtain(KEY, exchange, lifetime=3600.0, newer_than=None)
-    [(marker_key, (value, _))] = [(k, v) for k, v in store._values.items() if k != KEY]
-    assert re.fullmatch(r"[0-9a-f]{64}", marker_key) and marker_key != KEY
+        await make_tier(store, clock).obtain(KEY, exchange, newer_than=None)
+    [(marker_key, (value, _))] = list(store._values.items())  # no value was put
+    assert marker_key == marker_name(store, KEY)
+    assert re.fullmatch(r"[0-9a-f]{64}", marker_key)
+    assert marker_key not in (KEY, value_name(store, KEY))
     assert b"tenant-acme" not in value and b"AccessDenied" not in value
+    plaintext = store.cipher.open(marker_key, value)
+    assert plaintext is not None
+    holder = json.loads(plaintext)["h"]
+    tier = make_tier(store, clock)
+    # Positive control: where it was written, for the holder that wrote it, it is believed.
+    with pytest.raises(CredentialsRejected, match="tenant-acme"):
+        await tier._raise_remembered_failure(KEY, marker_key, holder)
     # Copied under another identity's marker key, it does not open there.
     other = "b" * 64
-    store._values[_failure_key(other)] = store._values[marker_key]
-    tier = make_tier(store, clock)
-    await tier._raise_remembered_failure(other)  # no error: the marker is not for `other`
+    store._values[marker_name(store, other)] = store._values[marker_key]
+    # No error: the marker is not for `other`.
+    await tier._raise_remembered_failure(other, marker_name(store, other), holder)
 
 
 async def test_a_late_acquire_reply_gives_the_lease_back(clock: FakeClock) -> None:
     # The store granted worker A's lease but answered after A's timeout: A goes to STS on its
-    # own; without giving the lease back, worker B would wait out lease_ttl (30 s here).
+    # own; without giving the lease back, worker B would wait out lease_wait (30 s here).
     store = Flaky(late="acquire", delay=0.3)
-    a = make_tier(store, clock, op_timeout=0.05, lease_ttl=30.0, wait_slice=0.05)
-    b = make_tier(store, clock, op_timeout=0.05, lease_ttl=30.0, wait_slice=0.05)
+    options: dict[str, Any] = {"op_timeout": 0.05, "lease_ttl": 30.0, "lease_wait": 30.0}
+    a = make_tier(store, clock, wait_slice=0.05, **options)
+    b = make_tier(store, clock, wait_slice=0.05, **options)
     for tier in (a, b):
         tier._contacted = True  # past the first-contact allowance
     exchange = Exchange(clock)
-    await a.obtain(KEY, exchange, lifetime=3600.0, newer_than=None)
+    await a.obtain(KEY, exchange, newer_than=None)
     assert a.stats.errors == 1  # the late acquire counted as a failure
     await eventually(lambda: store._leases == {})  # given back in the background
     started = asyncio.get_running_loop().time()
-    await b.obtain("c" * 64, exchange, lifetime=3600.0, newer_than=None)
+    # The same identity: A's put was skipped (its breaker is open), so B needs the lease.
+    await b.obtain(KEY, exchange, newer_than=None)
     assert asyncio.get_running_loop().time() - started < 5.0
+    assert b.stats.leases == 1 and b.stats.waits == 0 and exchange.calls == 2
 
 
 async def test_a_failed_put_still_releases_and_wakes_the_waiters(clock: FakeClock) -> None:
@@ -1152,9 +1192,9 @@ async def test_a_failed_put_still_releases_and_wakes_the_waiters(clock: FakeCloc
     waiter = make_tier(store, clock, wait_slice=30.0, lease_ttl=30.0)
     exchange = Exchange(clock)
     exchange.gate = asyncio.Event()
-    holding = asyncio.create_task(holder.obtain(KEY, exchange, lifetime=3600.0, newer_than=None))
+    holding = asyncio.create_task(holder.obtain(KEY, exchange, newer_than=None))
     await eventually(lambda: exchange.calls == 1)
-    waiting = asyncio.create_task(waiter.obtain(KEY, exchange, lifetime=3600.0, newer_than=None))
+    waiting = asyncio.create_task(waiter.obtain(KEY, exchange, newer_than=None))
     await eventually(lambda: waiter.stats.waits == 1)
     exchange.gate.set()
     await asyncio.wait_for(holding, 5.0)
@@ -1176,10 +1216,11 @@ async def test_a_half_open_breaker_lets_one_call_probe_the_store(clock: FakeCloc
         Hanging(encryption_keys=[generate_key()]), clock, op_timeout=0.05, breaker_cooldown=0.05
     )
     tier._contacted = True
-    assert await tier._read(KEY, None) is None  # fails, opens the breaker
+    assert await tier._read(KEY, value_name(tier.store, KEY), None, None) is None  # fails, opens
     assert Hanging.gets == 1
     loop = asyncio.get_running_loop()
     reopens = tier._open_until
     await eventually(lambda: loop.time() >= reopens)
-    await asyncio.gather(*(tier._read(f"{n:064x}", None) for n in range(20)))
+    keys = [f"{n:064x}" for n in range(20)]
+    await asyncio.gather(*(tier._read(k, value_name(tier.store, k), None, None) for k in keys))
     assert Hanging.gets == 2  # one probe, not twenty timeouts

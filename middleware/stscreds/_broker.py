@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import weakref
@@ -455,7 +456,9 @@ class CredentialBroker:
                 "less): check the clocks and the role's maximum session duration",
                 role_arn=role.arn,
             )
-        return credentials, remaining
+        # STS's Expiration has one-second resolution: the granted lifetime (which sizes the
+        # advisory window) is what is left, rounded up.
+        return credentials, float(math.ceil(remaining))
 
     def _check_offset(self) -> None:
         offset = self.sts_clock.offset

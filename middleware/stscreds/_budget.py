@@ -82,7 +82,8 @@ class StsBudget:
                 return 0.0
             now = self._clock()
             self._refill(now)
-            need = max(1.0, self.burst / 2) if background else 1.0
+            # A background refresh leaves at least half the bucket for requests.
+            need = 1.0 + self.burst / 2 if background else 1.0
             if self._tokens >= need:
                 self._tokens -= 1.0
                 return 0.0

@@ -287,21 +287,19 @@ class StsExchanger:
                 raise STSUnavailable(
                     f"STS did not answer within {self.deadline:g}s", role_arn=request.role_arn
                 )
-            if self.budget is not None:
-                wait = self.budget.acquire(background=background)
-                if wait > 0:
-                    if last is not None:
-                        raise last._copy(retry_after=wait) from None
-                    raise STSUnavailable(
-                        f"STS is throttling: holding calls back for {wait:.1f}s",
-                        code="Throttling",
-                        role_arn=request.role_arn,
-                        retry_after=wait,
-                    )
             try:
                 response = await asyncio.wait_for(
-                    loop.run_in_executor(self._pool, self._call, params), remaining
+                    loop.run_in_executor(self._pool, self._call, params, background), remaining
                 )
+            except _Refused as refused:
+                if last is not None:
+                    raise last._copy(retry_after=refused.wait) from None
+                raise STSUnavailable(
+                    f"STS is throttling: holding calls back for {refused.wait:.1f}s",
+                    code="Throttling",
+                    role_arn=request.role_arn,
+                    retry_after=refused.wait,
+                ) from None
             except asyncio.TimeoutError:
                 raise STSUnavailable(
                     f"STS did not answer within {self.deadline:g}s", role_arn=request.role_arn
@@ -337,7 +335,13 @@ class StsExchanger:
             config=self._config,
         )
 
-    def _call(self, params: dict[str, Any]) -> dict[str, Any]:
+    def _call(self, params: dict[str, Any], background: bool = False) -> dict[str, Any]:
+        if self.budget is not None:
+            # Taken here, on the thread, as the call goes out: a burst queued on the pool
+            # passes the gate one by one, after the answers that closed it.
+            wait = self.budget.acquire(background=background)
+            if wait > 0:
+                raise _Refused(wait)
         client = self._client
         if client is None:
             with self._client_lock:
@@ -381,6 +385,14 @@ class StsExchanger:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._client is not None:
             self._client.close()
+
+
+class _Refused(Exception):
+    """The STS budget held a call back; ``wait``: seconds until it may go."""
+
+    def __init__(self, wait: float) -> None:
+        super().__init__(wait)
+        self.wait = wait
 
 
 def _credentials_from(response: dict[str, Any]) -> Credentials:

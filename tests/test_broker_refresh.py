@@ -1,0 +1,602 @@
+"""CredentialBroker's refresh behaviour against a scripted StrictSTS over HTTP on loopback.
+
+The AWS SDKs' Credential Refresh SEP as table-driven scenarios, and the invariants that make
+"never a storm, never a bad credential" hold under any granted lifetime and any clock offset.
+One FakeClock is the broker's local clock; the STS runs on ``local + offset`` (its Date
+header and its Expiration), so a test sets the skew between the two and nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from servers.clock import FakeClock
+from servers.sts import StrictSTS
+from stscreds import (
+    CredentialBroker,
+    Credentials,
+    CredentialsRejected,
+    Role,
+    SigningKey,
+    STSUnavailable,
+)
+from stscreds._budget import StsBudget
+from stscreds._cache import MANDATORY_WINDOW, MIN_SERVE
+
+ROLE = "arn:aws:iam::123456789012:role/app/reader"
+ISSUER = "http://127.0.0.1:1/refresh-issuer"
+KEY = SigningKey.generate("ES256")
+T0 = 1_800_000_000.0
+
+
+class Skewed:
+    """STS's clock: the local FakeClock plus ``offset`` seconds."""
+
+    def __init__(self, local: FakeClock, offset: float = 0.0) -> None:
+        self.local = local
+        self.offset = offset
+
+    def __call__(self) -> float:
+        return self.local.time() + self.offset
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(T0)
+
+
+@pytest.fixture
+def sts_time(strict_sts: StrictSTS, clock: FakeClock) -> Skewed:
+    """STS's clock (``.offset`` to skew it); the STS tolerates our tokens' times either way."""
+    skewed = Skewed(clock)
+    strict_sts.clock = skewed
+    strict_sts.leeway = 3600
+    return skewed
+
+
+@pytest.fixture
+async def make_broker(
+    strict_sts: StrictSTS, clock: FakeClock, sts_time: Skewed
+) -> AsyncIterator[Callable[..., CredentialBroker]]:
+    brokers: list[CredentialBroker] = []
+
+    def make(**kwargs: Any) -> CredentialBroker:
+        kwargs.setdefault("exchange_deadline", 5.0)
+        kwargs.setdefault("max_attempts", 1)
+        kwargs.setdefault("clock", clock)
+        broker = CredentialBroker(
+            issuer=ISSUER, signing_keys=[KEY], sts_endpoint_url=strict_sts.url, **kwargs
+        )
+        strict_sts.configure(issuer=broker.issuer, jwks=broker.jwks)
+        brokers.append(broker)
+        return broker
+
+    yield make
+    for broker in brokers:
+        await broker.aclose()
+
+
+def grant(strict_sts: StrictSTS, seconds: float) -> None:
+    """Make the STS grant ``seconds`` of life from its own now, whatever was asked for."""
+    strict_sts.expiration = lambda now, _requested: now + seconds
+
+
+async def settle(broker: CredentialBroker) -> None:
+    """Wait for the broker's background refreshes (real I/O with the STS) to finish."""
+    while broker._inflight:
+        await asyncio.wait(list(broker._inflight.values()))
+
+
+def left_on_sts(credentials: Credentials, sts_time: Skewed) -> float:
+    return credentials.expiration.timestamp() - sts_time()
+
+
+# -- the advisory window, by what STS granted ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("granted", "window"),
+    [(900, 300), (1200, 300), (1201, 900), (3600, 900), (5399, 900), (5400, 3600), (43200, 3600)],
+)
+async def test_advisory_window_follows_the_granted_lifetime_not_the_requested_one(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    granted: int,
+    window: int,
+) -> None:
+    broker = make_broker()
+    grant(strict_sts, granted)
+    role = Role(ROLE, duration_seconds=43200)  # asked for 12 h every time
+    credentials = await broker.get(role)
+    entry = broker._cache[broker.identity_key(role)]
+    assert entry.expires_at == pytest.approx(T0 + granted, abs=1)
+    lead = entry.expires_at - entry.refresh_at
+    # The window, jittered within its first quarter, but never before half the usable life.
+    usable = granted - MANDATORY_WINDOW
+    assert min(window * 0.75, usable / 2 + MANDATORY_WINDOW) - 1 <= lead <= window + 1
+    assert entry.mandatory_at == entry.expires_at - MANDATORY_WINDOW
+    assert credentials is entry.credentials
+
+
+async def test_advisory_window_can_be_configured(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS
+) -> None:
+    broker = make_broker(advisory_window=120.0)
+    role = Role(ROLE)
+    await broker.get(role)
+    entry = broker._cache[broker.identity_key(role)]
+    assert 90 - 1 <= entry.expires_at - entry.refresh_at <= 120 + 1
+    with pytest.raises(ValueError, match="advisory_window"):
+        make_broker(advisory_window=30.0)
+
+
+# -- invariant (a): no storm, whatever STS granted and however far the clocks differ -------
+
+
+LIFETIMES = [65, 90, 300, 900, 3600, 43200]
+OFFSETS = [-900.0, -300.0, 0.0, 300.0, 900.0]
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("lifetime", LIFETIMES)
+async def test_steady_state_exchanges_at_most_once_per_half_usable_life(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    sts_time: Skewed,
+    lifetime: int,
+    offset: float,
+) -> None:
+    # The reported storm: a 300 s grant (an STS capping sessions at the token's exp) made
+    # an identity asked for every 50 ms call STS 393 times in 20 s.
+    sts_time.offset = offset
+    grant(strict_sts, lifetime)
+    broker = make_broker()
+    role = Role(ROLE, duration_seconds=3600)
+    usable = lifetime - MANDATORY_WINDOW
+    floor = max(5.0, usable / 2)
+    step = max(0.05, lifetime / 400)
+    exchanges_at: list[float] = []
+    end = T0 + 4 * lifetime
+    while clock.time() < end:
+        before = strict_sts.successes
+        credentials = await broker.get(role)
+        await settle(broker)
+        if strict_sts.successes > before:
+            exchanges_at.append(clock.time())
+        # Invariant (b) on the way: never less than 5 s left on STS's clock.
+        assert left_on_sts(credentials, sts_time) >= MIN_SERVE
+        clock.advance(step)
+    gaps = [b - a for a, b in itertools.pairwise(exchanges_at)]
+    assert gaps, "the simulation must span several refreshes"
+    assert min(gaps) >= floor - step - 1
+    # ...and it does refresh: no gap longer than the whole lifetime.
+    assert max(gaps) <= lifetime
+    assert strict_sts.calls == strict_sts.successes == len(exchanges_at)
+
+
+@pytest.mark.parametrize("offset", [-600.0, 600.0])
+async def test_one_identity_polled_every_50ms_for_20s_with_a_300s_grant(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    sts_time: Skewed,
+    offset: float,
+) -> None:
+    sts_time.offset = offset
+    grant(strict_sts, 300)
+    broker = make_broker()
+    role = Role(ROLE)
+    for _ in range(400):
+        await broker.get(role)
+        await settle(broker)
+        clock.advance(0.05)
+    assert strict_sts.calls <= 5  # was 393
+    assert strict_sts.calls == 1
+
+
+# -- invariant (b): never expired, never under 5 s, on STS's clock -------------------------
+
+
+@pytest.mark.parametrize("offset", [-300.0, -60.0, 60.0, 300.0])
+async def test_expiry_is_planned_on_stss_clock_from_its_date_header(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    sts_time: Skewed,
+    offset: float,
+) -> None:
+    # The local clock behind STS by 60-300 s used to hand out credentials STS considered
+    # expired; ahead of it, to refresh too early.
+    sts_time.offset = offset
+    broker = make_broker()
+    role = Role(ROLE, duration_seconds=900)
+    first = await broker.get(role)
+    entry = broker._cache[broker.identity_key(role)]
+    assert broker.sts_clock.known
+    assert broker.sts_clock.offset == pytest.approx(offset, abs=1)
+    # Local expiry = receipt + what STS granted (900 s), whatever the local clock says.
+    assert entry.expires_at == pytest.approx(T0 + 900, abs=1)
+    strict_sts.fail_always("ServiceUnavailable", 503)
+    served: list[float] = []
+    while clock.time() < T0 + 1000:
+        with contextlib.suppress(STSUnavailable):
+            credentials = await broker.get(role)
+            served.append(left_on_sts(credentials, sts_time))
+            assert credentials is first
+        await settle(broker)
+        clock.advance(0.5)
+    assert served and min(served) >= MIN_SERVE
+    # Static stability served them until close to the 5 s floor, no further.
+    assert min(served) <= MIN_SERVE + 1
+
+
+async def test_without_a_date_header_the_local_clock_is_used(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    sts_time: Skewed,
+) -> None:
+    strict_sts.send_date = False
+    sts_time.offset = 120.0
+    broker = make_broker()
+    role = Role(ROLE, duration_seconds=900)
+    await broker.get(role)
+    entry = broker._cache[broker.identity_key(role)]
+    assert not broker.sts_clock.known and broker.sts_clock.offset == 0
+    # Without STS's clock, its Expiration is read on the local clock: 120 s later here.
+    assert entry.expires_at == pytest.approx(T0 + 900 + 120, abs=1)
+
+
+async def test_a_large_clock_offset_is_logged_once(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    sts_time: Skewed,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="stscreds")
+    sts_time.offset = 45.0
+    broker = make_broker()
+    for subject in ("a", "b", "c"):
+        await broker.get(Role(ROLE, subject=subject))
+    lines = [r for r in caplog.records if "clock" in r.getMessage()]
+    assert len(lines) == 1
+    assert re.search(r"4[56]s behind", lines[0].getMessage())
+    # Small offsets say nothing.
+    caplog.clear()
+    small = make_broker()
+    sts_time.offset = 10.0
+    await small.get(Role(ROLE, subject="d"))
+    assert [r for r in caplog.records if "clock" in r.getMessage()] == []
+
+
+# -- invariant (c): answers (nearly) expired on arrival ------------------------------------
+
+
+@pytest.mark.parametrize("left", [-30.0, 0.0, 30.0, 60.0])
+async def test_an_answer_inside_the_mandatory_window_is_a_failure_backed_off_and_logged_once(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+    left: float,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="stscreds")
+    strict_sts.expiration = lambda now, _requested: now + left
+    broker = make_broker()
+    role = Role(ROLE)
+    with pytest.raises(STSUnavailable, match="left") as info:
+        await broker.get(role)
+    assert info.value.retry_after is not None and 25 <= info.value.retry_after <= 35
+    for _ in range(50):
+        clock.advance(0.5)  # 25 s: inside the ~30 s period
+        with pytest.raises(STSUnavailable) as again:
+            await broker.get(role)
+        assert again.value.retry_after is not None and 0 < again.value.retry_after <= 35
+    assert strict_sts.calls == 1
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and errors[0].levelno == logging.ERROR
+    # STS mended: after the period, credentials flow again.
+    strict_sts.expiration = None
+    clock.advance(10)
+    assert isinstance(await broker.get(role), Credentials)
+    assert strict_sts.calls == 2
+
+
+async def test_a_stale_answer_to_a_refresh_keeps_the_cached_credentials(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+) -> None:
+    broker = make_broker()
+    role = Role(ROLE)
+    first = await broker.get(role)
+    entry = broker._cache[broker.identity_key(role)]
+    strict_sts.expiration = lambda now, _requested: now - 5  # already expired
+    clock.set(entry.mandatory_at + 1)
+    assert await broker.get(role) is first  # a failed refresh: static stability
+    assert strict_sts.calls == 2
+    assert entry.failures == 1
+
+
+# -- SEP scenarios ---------------------------------------------------------------------------
+
+
+async def test_mandatory_window_callers_wait_for_one_refresh(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker()
+    role = Role(ROLE)
+    first = await broker.get(role)
+    entry = broker._cache[broker.identity_key(role)]
+    clock.set(entry.mandatory_at + 1)
+    assert broker.get_cached(role) is None
+    strict_sts.hang = True
+    waiters = [asyncio.create_task(broker.get(role)) for _ in range(50)]
+    assert await asyncio.to_thread(strict_sts.wait_for_calls, 2, 5.0)
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters)
+    strict_sts.release()
+    results = await asyncio.gather(*waiters)
+    assert len({id(r) for r in results}) == 1 and results[0] is not first
+    assert strict_sts.calls == 2
+
+
+@pytest.mark.parametrize("code", ["Throttling", "ServiceUnavailable", "AccessDenied"])
+async def test_failed_mandatory_refresh_serves_cached_credentials_while_they_last(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    sts_time: Skewed,
+    code: str,
+) -> None:
+    broker = make_broker()
+    role = Role(ROLE)
+    first = await broker.get(role)
+    entry = broker._cache[broker.identity_key(role)]
+    status = 403 if code == "AccessDenied" else (400 if code == "Throttling" else 503)
+    strict_sts.fail_always(code, status, "no")
+    clock.set(entry.mandatory_at + 1)
+    # Static stability: the refresh fails, the caller gets the cached credentials, no 503.
+    assert await broker.get(role) is first
+    assert strict_sts.calls == 2
+    # Backing off: no new call while they last, however many callers.
+    while clock.time() + 1 < entry.serve_until:
+        clock.advance(1)
+        assert await broker.get(role) is first
+    assert strict_sts.calls == 2
+    # Run out (5 s left on STS's clock): callers go to STS and get its error.
+    clock.set(entry.serve_until)
+    kind = CredentialsRejected if code == "AccessDenied" else STSUnavailable
+    with pytest.raises(kind):
+        await broker.get(role)
+    assert strict_sts.calls == 3
+    assert left_on_sts(first, sts_time) <= MIN_SERVE + 1
+
+
+async def test_failed_advisory_refresh_backs_off_300_to_600s(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker()
+    role = Role(ROLE, duration_seconds=43200)
+    first = await broker.get(role)
+    entry = broker._cache[broker.identity_key(role)]
+    strict_sts.fail_next(1, "ServiceUnavailable", 503, "down")
+    clock.set(entry.refresh_at)
+    assert await broker.get(role) is first
+    await settle(broker)
+    assert strict_sts.calls == 2 and entry.failures == 1
+    assert 300 <= entry.retry_at - clock.time() <= 600
+    # No call until the backoff ends...
+    while clock.time() + 10 < entry.retry_at:
+        clock.advance(10)
+        assert await broker.get(role) is first
+        assert broker._inflight == {}
+    assert strict_sts.calls == 2
+    # ...then one, which succeeds.
+    clock.set(entry.retry_at)
+    assert await broker.get(role) is first
+    await settle(broker)
+    assert strict_sts.calls == 3
+    assert await broker.get(role) is not first
+
+
+async def test_refresh_backoff_is_configurable(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(refresh_backoff=(20.0, 30.0))
+    role = Role(ROLE)
+    await broker.get(role)
+    entry = broker._cache[broker.identity_key(role)]
+    strict_sts.fail_next(1, "ServiceUnavailable", 503, "down")
+    clock.set(entry.refresh_at)
+    await broker.get(role)
+    await settle(broker)
+    assert 20 <= entry.retry_at - clock.time() <= 30
+    with pytest.raises(ValueError, match="refresh_backoff"):
+        make_broker(refresh_backoff=(30.0, 20.0))
+
+
+async def test_non_recoverable_errors_raise_at_once_and_are_remembered_at_most_5s(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(max_attempts=3)
+    role = Role(ROLE)
+    strict_sts.reject_roles.add(ROLE)
+    with pytest.raises(CredentialsRejected) as info:
+        await broker.get(role)
+    assert strict_sts.calls == 1  # not retried
+    assert info.value.retry_after is not None and 1 <= info.value.retry_after <= 5
+    clock.advance(0.9)
+    with pytest.raises(CredentialsRejected):
+        await broker.get(role)
+    assert strict_sts.calls == 1
+    strict_sts.reject_roles.clear()
+    clock.advance(4.2)
+    assert isinstance(await broker.get(role), Credentials)
+    assert strict_sts.calls == 2
+
+
+async def test_invalidate_by_access_key_id(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS
+) -> None:
+    broker = make_broker()
+    role = Role(ROLE)
+    first = await broker.get(role)
+    # A stale key id (credentials refreshed since the caller got them): a no-op.
+    assert broker.invalidate(role, access_key_id="ASIASTALEKEY00000000") is False
+    assert await broker.get(role) is first
+    assert strict_sts.calls == 1
+    # The key AWS refused: dropped, and the next get waits for a new exchange.
+    assert broker.invalidate(role, access_key_id=first.access_key_id) is True
+    assert broker.get_cached(role) is None
+    second = await broker.get(role)
+    assert second.access_key_id != first.access_key_id
+    assert strict_sts.calls == 2
+    # The old id again (a second request that saw it rejected): the new ones stay.
+    assert broker.invalidate(role, access_key_id=first.access_key_id) is False
+    assert await broker.get(role) is second
+    # Without an id: whatever is cached goes.
+    assert broker.invalidate(role) is True
+    assert broker.invalidate(role) is False
+
+
+# -- fix 3: default_subject ----------------------------------------------------------------
+
+
+async def test_changing_default_subject_changes_the_identity_of_roles_without_one(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS
+) -> None:
+    broker = make_broker(default_subject="first")
+    role = Role(ROLE)
+    key = broker.identity_key(role)
+    first = await broker.get(role)
+    broker.default_subject = "second"
+    assert broker.identity_key(role) != key
+    second = await broker.get(role)
+    assert second.access_key_id != first.access_key_id
+    assert [r.claims and r.claims["sub"] for r in strict_sts.requests] == ["first", "second"]
+    with pytest.raises(ValueError, match="subject"):
+        broker.default_subject = ""
+
+
+# -- fix 6: one bound per request ----------------------------------------------------------
+
+
+async def test_no_caller_waits_longer_than_request_timeout(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS
+) -> None:
+    broker = make_broker(request_timeout=0.3, exchange_deadline=5.0)
+    strict_sts.hang = True
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(STSUnavailable, match=r"within 0\.3s"):
+        await broker.get(Role(ROLE))
+    assert loop.time() - started < 2.0
+    # The exchange goes on for the next caller (it was shielded, not cancelled).
+    assert broker._inflight
+    strict_sts.release()
+    await settle(broker)
+    assert broker.get_cached(Role(ROLE)) is not None
+    with pytest.raises(ValueError, match="request_timeout"):
+        make_broker(request_timeout=0)
+
+
+# -- fix 9: the STS budget -------------------------------------------------------------------
+
+
+async def throttled_burst(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    identities: int,
+) -> int:
+    broker = make_broker(
+        max_attempts=3, sts_budget=StsBudget(clock=clock.time), transient_negative_ttl=(0, 0)
+    )
+    broker._exchanger.retry_base_delay = 0.001
+    strict_sts.reset()
+    strict_sts.fail_always("Throttling", 400, "Rate exceeded")
+    for _ in range(3):  # three waves of every identity
+        results = await asyncio.gather(
+            *(broker.get(Role(ROLE, subject=f"tenant-{i}")) for i in range(identities)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, STSUnavailable) for r in results)
+        assert all(r.code == "Throttling" for r in results if isinstance(r, STSUnavailable))
+    budget = broker.sts_budget
+    assert budget is not None and budget.limited
+    return strict_sts.calls
+
+
+async def test_throttling_is_bounded_by_the_budget_not_by_the_number_of_identities(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    fifty = await throttled_burst(make_broker, strict_sts, clock, 50)
+    two_hundred = await throttled_burst(make_broker, strict_sts, clock, 200)
+    # Without a budget: 3 attempts x identities x waves (450 and 1,800 calls).
+    assert fifty <= 30
+    assert two_hundred <= fifty + 10
+
+
+async def test_refused_calls_say_when_to_retry_and_the_budget_refills(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    calls = await throttled_burst(make_broker, strict_sts, clock, 20)
+    broker = make_broker(sts_budget=StsBudget(clock=clock.time))
+    budget = broker.sts_budget
+    assert budget is not None
+    strict_sts.reset()
+    budget.throttled()  # as after a throttling answer
+    for _ in range(int(budget.burst)):
+        assert budget.acquire() == 0.0
+    wait = budget.acquire()
+    assert 0 < wait <= 1 / budget.initial_rate + 1e-9
+    with pytest.raises(STSUnavailable) as info:
+        await broker.get(Role(ROLE, subject="refused"))
+    assert strict_sts.calls == 0  # refused before reaching STS
+    assert info.value.retry_after is not None and info.value.retry_after > 0
+    # Time passes: a token, a call, a success that widens the budget.
+    strict_sts.clear_faults()
+    clock.advance(1.0)
+    broker._failures.clear()
+    assert isinstance(await broker.get(Role(ROLE, subject="refused")), Credentials)
+    assert strict_sts.calls == 1
+    assert budget.rate > budget.initial_rate
+    assert calls > 0
+
+
+def test_background_refreshes_yield_to_requests() -> None:
+    now = [0.0]
+    budget = StsBudget(clock=lambda: now[0], burst=10, initial_rate=5)
+    assert budget.acquire(background=True) == 0.0  # open: anything goes
+    budget.throttled()
+    for _ in range(5):
+        assert budget.acquire() == 0.0  # requests take the bucket down to half...
+    # ...below which a background refresh waits, while a request still gets a token.
+    assert budget.acquire(background=True) > 0
+    assert budget.acquire() == 0.0
+    now[0] += 2.0  # refilled
+    assert budget.acquire(background=True) == 0.0
+
+
+def test_budget_reopens_after_enough_successes() -> None:
+    budget = StsBudget(clock=lambda: 0.0, initial_rate=5, max_rate=10, recovery=1)
+    budget.throttled()
+    assert budget.limited
+    for _ in range(5):
+        budget.succeeded()
+    assert not budget.limited
+    assert budget.acquire() == 0.0
+    with pytest.raises(ValueError, match="min_rate <= initial_rate"):
+        StsBudget(initial_rate=100, max_rate=10)
+    with pytest.raises(ValueError, match="burst"):
+        StsBudget(burst=0)
