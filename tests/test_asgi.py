@@ -1231,3 +1231,61 @@ def test_real_server_without_oidc_endpoints_sts_cannot_verify(
     assert response.status_code == 502
     assert response.json()["code"] == "InvalidIdentityToken"
     assert strict_sts.jwks_fetches == 0
+
+
+# -- a resolver returning the wrong type (fix 7), Retry-After that says when (fix 5) ---------
+
+
+def arn_resolver(scope: Any) -> Any:
+    return arn("a")  # a str, not a Role: the mistake users make
+
+
+async def async_arn_resolver(scope: Any) -> Any:
+    return {"arn": arn("a")}
+
+
+@pytest.mark.parametrize(
+    ("resolver", "type_name"),
+    [(arn_resolver, "builtins.str"), (async_arn_resolver, "builtins.dict")],
+)
+def test_resolver_returning_the_wrong_type_is_a_500_logged_once_by_name(
+    strict_sts: StrictSTS,
+    broker: CredentialBroker,
+    caplog: pytest.LogCaptureFixture,
+    resolver: Any,
+    type_name: str,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="stscreds")
+    seen = Seen()
+    client = TestClient(starlette_app(seen, broker, resolve_role=resolver))
+    for _ in range(3):
+        response = client.get("/whoami")
+        assert response.status_code == 500
+        assert response.headers["content-type"] == "application/json"
+        assert "misconfiguration" in response.json()["error"]
+    assert seen.values == []  # the app never ran
+    assert strict_sts.calls == 0
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "stscreds"]
+    assert "resolve_role" in line and resolver.__name__ in line and type_name in line
+    assert "AttributeError" not in line
+
+
+def test_resolver_returning_the_wrong_type_closes_a_websocket(broker: CredentialBroker) -> None:
+    client = TestClient(starlette_app(Seen(), broker, resolve_role=arn_resolver))
+    with pytest.raises(WebSocketDisconnect) as info, client.websocket_connect("/ws"):
+        pass
+    assert info.value.code == 1011
+
+
+def test_retry_after_says_when_a_remembered_failure_ends(
+    strict_sts: StrictSTS, make_broker: Any
+) -> None:
+    # A short grant is remembered ~30 s: the client is told ~30, not the fixed 5.
+    broker = make_broker(max_attempts=1)
+    strict_sts.expiration = lambda now, _requested: now + 10
+    client = TestClient(starlette_app(Seen(), broker))
+    for _ in range(2):
+        response = client.get("/whoami", headers={"x-tenant": "s"})
+        assert response.status_code == 503
+        assert 20 <= int(response.headers["retry-after"]) <= 34
+    assert strict_sts.calls == 1

@@ -30,6 +30,7 @@ from stscreds import (
 )
 from stscreds._budget import StsBudget
 from stscreds._cache import MANDATORY_WINDOW, MIN_SERVE
+from stscreds.stores import MemoryStore, generate_key
 
 ROLE = "arn:aws:iam::123456789012:role/app/reader"
 ISSUER = "http://127.0.0.1:1/refresh-issuer"
@@ -574,29 +575,55 @@ async def test_refused_calls_say_when_to_retry_and_the_budget_refills(
     assert calls > 0
 
 
-def test_background_refreshes_yield_to_requests() -> None:
-    now = [0.0]
-    budget = StsBudget(clock=lambda: now[0], burst=10, initial_rate=5)
-    assert budget.acquire(background=True) == 0.0  # open: anything goes
-    budget.throttled()
-    for _ in range(5):
-        assert budget.acquire() == 0.0  # requests take the bucket down to half...
-    # ...below which a background refresh waits, while a request still gets a token.
-    assert budget.acquire(background=True) > 0
-    assert budget.acquire() == 0.0
-    now[0] += 2.0  # refilled
-    assert budget.acquire(background=True) == 0.0
+# -- fix 1: invalidation reaches the fleet -------------------------------------------------
 
 
-def test_budget_reopens_after_enough_successes() -> None:
-    budget = StsBudget(clock=lambda: 0.0, initial_rate=5, max_rate=10, recovery=1)
-    budget.throttled()
-    assert budget.limited
-    for _ in range(5):
-        budget.succeeded()
-    assert not budget.limited
-    assert budget.acquire() == 0.0
-    with pytest.raises(ValueError, match="min_rate <= initial_rate"):
-        StsBudget(initial_rate=100, max_rate=10)
-    with pytest.raises(ValueError, match="burst"):
-        StsBudget(burst=0)
+async def test_invalidate_with_a_store_forces_one_new_exchange_for_the_fleet(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS
+) -> None:
+    store = MemoryStore(encryption_keys=[generate_key()])
+    role = Role(ROLE, subject="tenant")
+    a, b = make_broker(store=store), make_broker(store=store)
+    revoked = await a.get(role)
+    assert (await b.get(role)).access_key_id == revoked.access_key_id  # from the store
+    assert strict_sts.calls == 1
+    # AWS refuses them (a revoked session): worker a invalidates. It must not read them
+    # back from the store, where they still sit for hours.
+    assert a.invalidate(role, access_key_id=revoked.access_key_id) is True
+    fresh = await a.get(role)
+    assert fresh.access_key_id != revoked.access_key_id
+    assert strict_sts.calls == 2
+    # Worker b hits the same refusal: it finds the new credentials in the store.
+    assert b.invalidate(role, access_key_id=revoked.access_key_id) is True
+    assert (await b.get(role)).access_key_id == fresh.access_key_id
+    # A cold worker gets the new ones too; nobody called STS again.
+    assert (await make_broker(store=store).get(role)).access_key_id == fresh.access_key_id
+    assert strict_sts.calls == 2
+
+
+# -- fix 8: STS's own words reach the operator -----------------------------------------------
+
+
+async def test_a_rejection_is_logged_with_stss_message_once_per_period(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="stscreds")
+    broker = make_broker()
+    message = "No OpenIDConnect provider found in your account for http://127.0.0.1:1/x"
+    strict_sts.fail_always("InvalidIdentityToken", 400, message)
+    role = Role(ROLE)
+    for _ in range(20):
+        with pytest.raises(CredentialsRejected):
+            await broker.get(role)
+        clock.advance(0.04)  # 0.8 s: inside the negative TTL (1-5 s)
+    lines = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 1
+    assert message in lines[0].getMessage() and "InvalidIdentityToken" in lines[0].getMessage()
+    assert ROLE in lines[0].getMessage()
+    clock.advance(5.0)
+    with pytest.raises(CredentialsRejected):
+        await broker.get(role)
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2

@@ -311,3 +311,29 @@ def test_callable_dependency_signature_is_what_fastapi_sees(broker: CredentialBr
     made: Callable[..., Any] = credentials_for(role_dep, broker=broker)
     (parameter,) = inspect.signature(made).parameters.values()
     assert parameter.annotation.__metadata__[0].dependency is role_dep
+
+
+async def test_credentials_for_a_dependency_returning_the_wrong_type_is_a_logged_500(
+    strict_sts: StrictSTS, broker: CredentialBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="stscreds")
+
+    def role_name() -> Any:
+        return REPORTS.arn  # a str, not a Role
+
+    app = FastAPI()
+
+    @app.get("/wrong")
+    async def wrong(
+        credentials: Annotated[Credentials, Depends(credentials_for(role_name, broker=broker))],
+    ) -> dict[str, str]:
+        return {"key": credentials.access_key_id}
+
+    async with client(app) as http:
+        for _ in range(2):
+            response = await http.get("/wrong")
+            assert response.status_code == 500
+            assert "misconfiguration" in response.json()["detail"]
+    assert strict_sts.calls == 0
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "stscreds"]
+    assert "role_name" in line and "builtins.str" in line

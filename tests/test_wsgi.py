@@ -527,3 +527,53 @@ def test_async_resolver_is_refused(make_broker: Callable[..., CredentialBroker])
             broker=make_broker(),
             resolve_role=resolve,  # type: ignore[arg-type]
         )
+
+
+# --- a resolver returning the wrong type (fix 7), Retry-After that says when (fix 5) --------
+
+
+def arn_resolver(environ: dict[str, Any]) -> Any:
+    return ROLE_A.arn  # a str, not a Role
+
+
+def test_resolver_returning_the_wrong_type_is_a_500_logged_once_by_name(
+    strict_sts: StrictSTS,
+    make_middleware: Any,
+    wsgi_server: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="stscreds")
+    base = wsgi_server(make_middleware(resolve_role=arn_resolver))
+    for _ in range(3):
+        status, body = get(base, "a")
+        assert status == 500
+        assert b"misconfiguration" in body
+    assert strict_sts.calls == 0
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "stscreds"]
+    assert "resolve_role (arn_resolver)" in line and "builtins.str" in line
+
+
+def test_retry_after_says_when_a_remembered_failure_ends(
+    strict_sts: StrictSTS, make_middleware: Any, wsgi_server: Any
+) -> None:
+    strict_sts.expiration = lambda now, _requested: now + 10  # a grant with 10 s left
+    base = wsgi_server(make_middleware())
+    parts = urlsplit(base)
+    for _ in range(2):
+        connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
+        try:
+            connection.request("GET", "/", headers={"X-Tenant": "a"})
+            response = connection.getresponse()
+            assert response.status == 503
+            assert 20 <= int(response.getheader("Retry-After") or 0) <= 34
+        finally:
+            connection.close()
+    assert strict_sts.calls == 1
+
+
+def test_timeout_defaults_to_the_brokers_request_timeout(
+    make_broker: Callable[..., CredentialBroker], make_middleware: Any
+) -> None:
+    broker = make_broker(request_timeout=7.0)
+    assert make_middleware(broker=broker).timeout == 8.0
+    assert make_middleware(broker=broker, timeout=2.0).timeout == 2.0

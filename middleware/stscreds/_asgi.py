@@ -7,6 +7,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any, Literal
 from urllib.parse import unquote_to_bytes, urlsplit
@@ -15,7 +16,13 @@ from ._broker import CredentialBroker
 from ._errors import CredentialsUnavailable
 from ._roles import Role
 
-__all__ = ["CredentialsMiddleware", "error_body", "run_warm_up"]
+__all__ = [
+    "CredentialsMiddleware",
+    "error_body",
+    "resolver_type_error",
+    "retry_after_header",
+    "run_warm_up",
+]
 
 logger = logging.getLogger("stscreds")
 
@@ -30,8 +37,10 @@ ErrorHandler = Callable[
 ]
 Lifespan = Literal["auto", "on", "pass"]
 
-#: Seconds a client is told to wait after a 503.
+#: Seconds a client is told to wait after a 503 when nothing better is known.
 RETRY_AFTER = 5
+#: The body of the 500 answered when ``resolve_role`` returned something other than a Role.
+MISCONFIGURED_BODY = b'{"error":"AWS credentials could not be resolved (server misconfiguration)"}'
 # Websocket close codes: 1013 "try again later", 1011 "internal error".
 _WS_UNAVAILABLE, _WS_REJECTED = 1013, 1011
 
@@ -43,6 +52,42 @@ def error_body(error: CredentialsUnavailable) -> dict[str, Any]:
     else:
         text = "AWS credentials were refused for this request"
     return {"error": text, "code": error.code}
+
+
+def retry_after_header(error: CredentialsUnavailable) -> str:
+    """``Retry-After`` for ``error``: when a retry can succeed (remembered failures, the STS
+    budget), in whole seconds, at least 1; ``RETRY_AFTER`` when unknown."""
+    if error.retry_after is None:
+        return str(RETRY_AFTER)
+    return str(max(1, math.ceil(error.retry_after)))
+
+
+def resolver_type_error(resolver: object, value: object) -> TypeError:
+    """The TypeError for a ``resolve_role`` that returned ``value``, naming both."""
+    name = getattr(resolver, "__qualname__", None) or getattr(resolver, "__name__", None)
+    shown = name if isinstance(name, str) else type(resolver).__name__
+    return TypeError(
+        f"resolve_role ({shown}) returned {type(value).__module__}.{type(value).__qualname__}; "
+        "it must return a stscreds.Role, or None for a request that needs no credentials"
+    )
+
+
+class ResolverCheck:
+    """Reports a resolver's wrong return type: a TypeError, logged once per middleware."""
+
+    __slots__ = ("logged", "resolver")
+
+    def __init__(self, resolver: object) -> None:
+        self.resolver = resolver
+        self.logged = False
+
+    def error(self, value: object) -> TypeError:
+        """The TypeError for ``value``; logged at ERROR the first time only."""
+        error = resolver_type_error(self.resolver, value)
+        if not self.logged:
+            self.logged = True
+            logger.error("stscreds: %s (answering 500)", error)
+        return error
 
 
 async def run_warm_up(broker: CredentialBroker, roles: Sequence[Role]) -> int:
@@ -125,6 +170,7 @@ class CredentialsMiddleware:
         self.broker = broker
         self._get_cached = broker.get_cached  # bound once: the hit path is every request
         self.resolve_role = resolve_role
+        self._check = ResolverCheck(resolve_role)
         self.state_key = state_key
         self.on_error = on_error
         self.close_broker = close_broker
@@ -154,13 +200,14 @@ class CredentialsMiddleware:
             await self.app(scope, receive, send)
             return
         role = self.resolve_role(scope)
-        if (
-            role.__class__ is not Role
-            and role is not None
-            and (self._resolve_is_async or inspect.isawaitable(role))
-        ):
-            # An async resolver, or a plain function (a partial) returning a coroutine.
-            role = await role  # type: ignore[misc]
+        if role.__class__ is not Role and role is not None:
+            if self._resolve_is_async or inspect.isawaitable(role):
+                # An async resolver, or a plain function (a partial) returning a coroutine.
+                role = await role  # type: ignore[misc]
+            if role is not None and not isinstance(role, Role):
+                self._check.error(role)
+                await self._misconfigured(scope, send)
+                return
         try:
             state = scope["state"]
         except KeyError:
@@ -251,9 +298,21 @@ class CredentialsMiddleware:
             (b"cache-control", b"no-store"),
         ]
         if error.status_code == 503:
-            headers.append((b"retry-after", str(RETRY_AFTER).encode()))
+            headers.append((b"retry-after", retry_after_header(error).encode()))
         await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    async def _misconfigured(self, scope: Scope, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": _WS_REJECTED})
+            return
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(MISCONFIGURED_BODY)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        await send({"type": "http.response.start", "status": 500, "headers": headers})
+        await send({"type": "http.response.body", "body": MISCONFIGURED_BODY})
 
     async def _serve_document(self, scope: Scope, send: Send) -> None:
         body, headers = self._documents[scope["path"]]

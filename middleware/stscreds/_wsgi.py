@@ -21,7 +21,15 @@ from collections.abc import Callable, Coroutine, Iterable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._asgi import RETRY_AFTER, error_body, oidc_documents, run_warm_up, warm_up_roles
+from ._asgi import (
+    MISCONFIGURED_BODY,
+    ResolverCheck,
+    error_body,
+    oidc_documents,
+    retry_after_header,
+    run_warm_up,
+    warm_up_roles,
+)
 from ._broker import CredentialBroker
 from ._credentials import Credentials
 from ._errors import CredentialsUnavailable, STSUnavailable
@@ -50,8 +58,8 @@ class CredentialsWSGIMiddleware:
 
     ``warm_up`` roles are fetched in the background as soon as the middleware is made
     (``wait_warm_up`` waits for them); failures are logged, never fatal. ``timeout`` bounds
-    how long a request thread waits for credentials (the broker's own deadline normally ends
-    a slow exchange first). Safe across ``fork`` (gunicorn ``--preload``): a child starts its
+    how long a request thread waits for credentials (default: the broker's
+    ``request_timeout``, which ends the wait first, plus one second). Safe across ``fork`` (gunicorn ``--preload``): a child starts its
     own event loop and keeps the parent's cached credentials.
     """
 
@@ -64,7 +72,7 @@ class CredentialsWSGIMiddleware:
         environ_key: str = "stscreds.credentials",
         on_error: WSGIErrorHandler | None = None,
         warm_up: Iterable[Role] = (),
-        timeout: float = 30.0,
+        timeout: float | None = None,
         serve_oidc: bool = True,
         oidc_max_age: int = 300,
     ) -> None:
@@ -76,15 +84,20 @@ class CredentialsWSGIMiddleware:
             raise TypeError("resolve_role: must be a plain function under WSGI, not async")
         if not isinstance(environ_key, str) or not environ_key:
             raise ValueError("environ_key: must be a non-empty string")
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ValueError("timeout: must be a positive number of seconds")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+        ):
+            raise ValueError("timeout: must be None or a positive number of seconds")
         documents = oidc_documents(broker, oidc_max_age)
         self.app = wsgi_app
         self.broker = broker
         self.resolve_role = resolve_role
+        self._check = ResolverCheck(resolve_role)
         self.environ_key = environ_key
         self.on_error = on_error
-        self.timeout = float(timeout)
+        # The broker bounds every caller by request_timeout; the thread waits a little more
+        # for that answer to travel back.
+        self.timeout = broker.request_timeout + 1.0 if timeout is None else float(timeout)
         self.warm_up = warm_up_roles(warm_up)
         # One loop thread per broker, shared: a broker serves one event loop at a time.
         self._loop = _loop_for(broker)
@@ -111,6 +124,17 @@ class CredentialsWSGIMiddleware:
         role = self.resolve_role(environ)
         if role is None:
             environ[self.environ_key] = None
+        elif not isinstance(role, Role):
+            self._check.error(role)
+            start_response(
+                _status_line(500),
+                [
+                    ("Content-Type", "application/json"),
+                    ("Content-Length", str(len(MISCONFIGURED_BODY))),
+                    ("Cache-Control", "no-store"),
+                ],
+            )
+            return [MISCONFIGURED_BODY]
         else:
             credentials = self.broker.peek(role)
             if credentials is None:
@@ -193,7 +217,7 @@ class CredentialsWSGIMiddleware:
             ("Cache-Control", "no-store"),
         ]
         if error.status_code == 503:
-            headers.append(("Retry-After", str(RETRY_AFTER)))
+            headers.append(("Retry-After", retry_after_header(error)))
         start_response(_status_line(error.status_code), headers)
         return [body]
 

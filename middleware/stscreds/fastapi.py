@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException
 from starlette.requests import HTTPConnection
 
-from ._asgi import RETRY_AFTER, error_body
+from ._asgi import ResolverCheck, error_body, retry_after_header
 from ._broker import CredentialBroker
 from ._credentials import Credentials
 from ._errors import CredentialsUnavailable
@@ -82,11 +82,19 @@ def credentials_for(
     if not callable(role):
         raise TypeError("role: must be a Role or a dependency returning one")
 
+    check = ResolverCheck(role)
+
     async def resolved_role_credentials(
         resolved: Annotated[Role | None, Depends(role)],
     ) -> Credentials:
         if resolved is None:
             raise HTTPException(status_code=403, detail="no AWS role for this request")
+        if not isinstance(resolved, Role):
+            check.error(resolved)
+            raise HTTPException(
+                status_code=500,
+                detail="AWS credentials could not be resolved (server misconfiguration)",
+            )
         return await _fetch(broker, resolved)
 
     return resolved_role_credentials
@@ -98,5 +106,5 @@ async def _fetch(broker: CredentialBroker, role: Role) -> Credentials:
     except CredentialsUnavailable as error:
         headers = {"Cache-Control": "no-store"}
         if error.status_code == 503:
-            headers["Retry-After"] = str(RETRY_AFTER)
+            headers["Retry-After"] = retry_after_header(error)
         raise HTTPException(error.status_code, detail=error_body(error), headers=headers) from None

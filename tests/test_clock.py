@@ -1,0 +1,63 @@
+"""SystemClock and StsClock: STS's time learned from its Date headers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from servers.clock import FakeClock
+from stscreds._clock import StsClock, SystemClock
+
+
+def test_system_clock_is_the_wall_clock() -> None:
+    before = time.time()
+    assert before <= SystemClock().time() <= time.time()
+
+
+def test_unknown_until_the_first_sample() -> None:
+    clock = StsClock(FakeClock(1000.0))
+    assert not clock.known and clock.offset == 0 and clock.now() == 1000.0
+
+
+def test_a_sample_is_the_middle_of_the_second_and_of_the_round_trip() -> None:
+    local = FakeClock(1000.0)
+    clock = StsClock(local)
+    # Sent at 1000, answered at 1002; STS stamped "1300" (somewhere in 1300.0-1300.999).
+    assert clock.observe(1300.0, 1000.0, 1002.0) == 1300.5 - 1001.0
+    assert clock.known
+    assert clock.now() == 1000.0 + 299.5
+
+
+def test_the_median_of_the_last_samples_ignores_an_outlier() -> None:
+    clock = StsClock(FakeClock(0.0))
+    for offset in (100.0, 101.0, 5000.0, 100.0, 99.0):
+        clock.observe(offset - 0.5, 0.0, 0.0)
+    assert clock.offset == 100.0
+    # Only the last SAMPLES count: a real change of offset wins within a few answers.
+    for _ in range(3):
+        clock.observe(-200.5, 0.0, 0.0)
+    assert clock.offset == -200.0
+
+
+def test_adopt_only_until_a_sample_of_its_own() -> None:
+    clock = StsClock(FakeClock(0.0))
+    clock.adopt(42.0)
+    assert clock.offset == 42.0 and not clock.known
+    clock.observe(9.5, 0.0, 0.0)
+    clock.adopt(42.0)
+    assert clock.offset == 10.0 and clock.known
+    clock.reset()
+    assert clock.offset == 0 and not clock.known
+
+
+def test_observe_from_many_threads() -> None:
+    clock = StsClock(FakeClock(0.0))
+    threads = [
+        threading.Thread(target=lambda: [clock.observe(9.5, 0.0, 0.0) for _ in range(500)])
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert clock.offset == 10.0 and len(clock._samples) == StsClock.SAMPLES
