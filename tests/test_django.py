@@ -367,3 +367,42 @@ def test_factory_builds_the_broker_from_settings() -> None:
         assert middleware.warm_up == ()
     finally:
         middleware.broker.close()
+
+
+# --- a resolver returning the wrong type (fix 7) -------------------------------------------------
+
+
+def arn_of_user(request_scope: Any) -> Any:
+    return "arn:aws:iam::123456789012:role/tenant-acme"  # a str, not a Role
+
+
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+def test_django_resolver_returning_the_wrong_type_is_a_logged_500(
+    strict_sts: StrictSTS,
+    make_broker: Callable[..., CredentialBroker],
+    uvicorn_server: Any,
+    wsgi_server: Any,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+) -> None:
+    from stscreds.django import asgi_application, wsgi_application
+
+    caplog.set_level(logging.ERROR, logger="stscreds")
+    if kind == "asgi":
+        base = uvicorn_server(asgi_application(resolve_role=arn_of_user, broker=make_broker()))
+    else:
+        application = wsgi_application(resolve_role=arn_of_user, broker=make_broker())
+        base = wsgi_server(application)
+    try:
+        responses = [
+            httpx.get(f"{base}/whoami", headers={"X-User": "alice"}, trust_env=False)
+            for _ in range(3)
+        ]
+    finally:
+        if kind == "wsgi":
+            application.close()
+    assert [r.status_code for r in responses] == [500] * 3
+    assert all("misconfiguration" in r.json()["error"] for r in responses)
+    assert strict_sts.calls == 0
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "stscreds"]
+    assert "resolve_role (arn_of_user)" in line and "builtins.str" in line

@@ -388,6 +388,7 @@ class CredentialBroker:
 
     async def _refresh(self, key: str, role: Role, background: bool) -> Credentials:
         entry = self._cache.get(key)
+        failure: CredentialsUnavailable | None = None
         try:
             if self._closed:
                 raise STSUnavailable(_CLOSED, role_arn=role.arn)
@@ -403,7 +404,7 @@ class CredentialBroker:
                 )
         except CredentialsUnavailable as error:
             self._record_failure(key, role, error)
-            raise
+            failure = error._copy()
         except asyncio.CancelledError:
             # close() cancels the pool's queued calls: that is the broker closing, not this
             # task being cancelled (aclose() cancels the tasks themselves, before the pool).
@@ -424,6 +425,11 @@ class CredentialBroker:
                 )
             self._record_failure(key, role, converted)
             raise converted from None
+        if failure is not None:
+            # A copy raised out here, not the original: its traceback (and the chained
+            # context) would reach the app with the exchange's frames, whose locals hold the
+            # web identity token.
+            raise failure
         now = self._now()
         # Planned on STS's clock: what is left of the credentials there, from here on.
         remaining = credentials.expiration.timestamp() - (now + self.sts_clock.offset)
