@@ -173,7 +173,9 @@ class CredentialBroker:
                 sts_clock=self.sts_clock,
                 # A cold miss waits for another worker's exchange only as long as leaves
                 # time for its own within request_timeout: a squatted lease costs no more.
-                lease_wait=self.request_timeout - exchange_deadline,
+                # (With a request_timeout shorter than that, half of it: the fleet still
+                # shares one exchange, and the caller's own bound holds regardless.)
+                lease_wait=max(self.request_timeout - exchange_deadline, self.request_timeout / 2),
             )
         )
 

@@ -59,8 +59,9 @@ class CredentialsWSGIMiddleware:
     ``warm_up`` roles are fetched in the background as soon as the middleware is made
     (``wait_warm_up`` waits for them); failures are logged, never fatal. ``timeout`` bounds
     how long a request thread waits for credentials (default: the broker's
-    ``request_timeout``, which ends the wait first, plus one second). Safe across ``fork`` (gunicorn ``--preload``): a child starts its
-    own event loop and keeps the parent's cached credentials.
+    ``request_timeout``, which ends the wait first, plus one second). Safe across ``fork``
+    (gunicorn ``--preload``): a child starts its own event loop and keeps the parent's cached
+    credentials.
     """
 
     def __init__(
