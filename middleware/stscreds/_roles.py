@@ -7,7 +7,6 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
 from types import MappingProxyType
 from typing import Any
 
@@ -75,12 +74,22 @@ class _FrozenDict(dict):  # type: ignore[type-arg]
         return (_FrozenDict, (dict(self),))
 
 
-def _deep_freeze(value: Any) -> Any:
+#: Deepest nesting of objects and arrays accepted in a policy or in claims (IAM's policy
+#: grammar needs about five levels); deeper input is refused, not a RecursionError.
+MAX_DEPTH = 64
+
+
+def _deep_freeze(value: Any, depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:
+        raise ValueError(f"claims: nested more than {MAX_DEPTH} levels deep")
     if isinstance(value, dict):
-        return _FrozenDict({k: _deep_freeze(v) for k, v in value.items()})
+        return _FrozenDict({k: _deep_freeze(v, depth + 1) for k, v in value.items()})
     if isinstance(value, list):
-        return tuple(_deep_freeze(v) for v in value)
+        return tuple(_deep_freeze(v, depth + 1) for v in value)
     return value
+
+
+_JSON_NUMBER = re.compile(r"(-?)(\d+)(?:\.(\d+))?(?:[eE]([+-]?\d+))?", re.ASCII)
 
 
 class _Number:
@@ -90,28 +99,36 @@ class _Number:
     __slots__ = ("canonical",)
 
     def __init__(self, text: str) -> None:
-        sign, digits, exponent = Decimal(text).as_tuple()
-        assert isinstance(exponent, int)  # JSON has no NaN or Infinity (rejected earlier)
-        # Exact, without a decimal context (whose exponent limits 1e999999999 would hit):
-        # strip trailing zeros into the exponent, so 10, 10.0 and 1e1 are one number.
-        while len(digits) > 1 and digits[-1] == 0:
-            digits, exponent = digits[:-1], exponent + 1
-        if digits == (0,):
-            sign, exponent = 0, 0
-        self.canonical = f"{'-' if sign else ''}{''.join(map(str, digits))}e{exponent}"
+        match = _JSON_NUMBER.fullmatch(text)
+        if match is None:  # json only hands over valid number literals
+            raise ValueError("policy: not valid JSON")
+        sign, whole, fraction, exponent = match.groups()
+        fraction = fraction or ""
+        # Plain strings and ints, no Decimal (whose exponent limits 1e10**18 would hit):
+        # digits without leading or trailing zeros, the zeros moved into the exponent, so
+        # 10, 10.0 and 1e1 are one number, and 0, -0 and 0e5 another.
+        digits = (whole + fraction).lstrip("0")
+        significant = digits.rstrip("0")
+        if not significant:
+            self.canonical = "0e0"
+            return
+        scale = int(exponent or 0) - len(fraction) + len(digits) - len(significant)
+        self.canonical = f"{sign}{significant}e{scale}"
 
 
-def _tagged(value: Any) -> Any:
+def _tagged(value: Any, depth: int = 0) -> Any:
     # Strings and numbers prefixed by their kind, so the number 10 and the string "10"
     # (or "n10e0") can never encode alike.
     if isinstance(value, str):
         return "s" + value
     if isinstance(value, _Number):
         return "n" + value.canonical
+    if depth >= MAX_DEPTH:
+        raise ValueError(f"policy: nested more than {MAX_DEPTH} levels deep")
     if isinstance(value, dict):
-        return {name: _tagged(item) for name, item in value.items()}
+        return {name: _tagged(item, depth + 1) for name, item in value.items()}
     if isinstance(value, list):
-        return [_tagged(item) for item in value]
+        return [_tagged(item, depth + 1) for item in value]
     return value  # true, false, null
 
 
@@ -126,7 +143,7 @@ def _parse_policy(policy: str | Mapping[str, Any] | None) -> tuple[str | None, A
     if isinstance(policy, Mapping):
         try:
             text = json.dumps(dict(policy), separators=(",", ":"), allow_nan=False)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             raise ValueError("policy: not JSON-serializable") from None
     elif isinstance(policy, str):
         text = policy
@@ -144,6 +161,8 @@ def _parse_policy(policy: str | Mapping[str, Any] | None) -> tuple[str | None, A
         raise ValueError(str(error)) from None
     except ValueError:
         raise ValueError("policy: not valid JSON") from None
+    except RecursionError:
+        raise ValueError(f"policy: nested more than {MAX_DEPTH} levels deep") from None
     if not isinstance(parsed, dict):
         raise ValueError("policy: must be a JSON object")
     return text, _tagged(parsed)
@@ -163,7 +182,7 @@ def _freeze_claims(claims: Mapping[str, Any] | None) -> Mapping[str, Any] | None
         # A JSON round trip both proves the claims serialize and detaches them from the
         # caller's objects, so a later mutation cannot change a Role that is already a key.
         copied = json.loads(json.dumps(dict(claims), allow_nan=False))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         raise ValueError("claims: not JSON-serializable") from None
     return MappingProxyType({name: _deep_freeze(value) for name, value in copied.items()})
 
