@@ -11,13 +11,15 @@ these tests prove the sharing, not latency, and on a loaded host an event loop b
 100-request burst can take longer than 0.25 s to see Redis's answer, which counts as a store
 failure (the breaker opens and that worker goes to STS by itself).
 
-In-process tests drive SharedTier directly with a MemoryStore and a fake exchange.
+In-process tests drive SharedTier directly with a MemoryStore (a few also with a RedisStore)
+and a fake exchange; time is a FakeClock, except where a cold miss really waits on the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -47,7 +49,7 @@ from stscreds import (
 )
 from stscreds._clock import StsClock
 from stscreds._shared import SharedTier, _encode
-from stscreds.stores import MemoryStore, RedisStore, generate_key
+from stscreds.stores import MemoryStore, RedisStore, StoreCipher, generate_key
 
 ACCOUNT = "123456789012"
 # Inside the advisory window of 1 h credentials (15 min), outside the mandatory one (1 min).
@@ -177,6 +179,23 @@ def secrets_of(requests: Sequence[RecordedCall]) -> dict[str, str]:
     return found
 
 
+def unkeyed_names(identity_keys: Mapping[str, str]) -> dict[str, str]:
+    """Names a store must not use for these identities: label -> name.
+
+    The identity key itself (the store name before keyed names), its plain SHA-256, and the
+    unkeyed digests a failure marker was or could be named by.
+    """
+    found: dict[str, str] = {}
+    for label, key in identity_keys.items():
+        found[f"{label} identity key"] = key
+        found[f"{label} sha256(identity key)"] = hashlib.sha256(key.encode()).hexdigest()
+        found[f"{label} old marker name"] = hashlib.sha256(
+            b"stscreds/failure|" + key.encode()
+        ).hexdigest()
+        found[f"{label} sha256(f|identity key)"] = hashlib.sha256(f"f|{key}".encode()).hexdigest()
+    return found
+
+
 def in_clear(blobs: Mapping[str, bytes], secrets: Mapping[str, str]) -> list[str]:
     """Which secrets appear (as UTF-8, or JSON-escaped) in which blob."""
     hits = []
@@ -238,7 +257,9 @@ class FleetRun:
     keys_after_refresh: dict[str, list[str]] = field(default_factory=dict)
     requests: list[RecordedCall] = field(default_factory=list)
     stored: dict[str, bytes] = field(default_factory=dict)
-    store_keys: list[str] = field(default_factory=list)  # identity digests, stored in clear
+    store_keys: list[str] = field(default_factory=list)  # value names, stored in clear
+    store_key: str = ""  # the fleet's store encryption key
+    identity_keys: dict[str, str] = field(default_factory=dict)  # tenant -> identity key
     stats: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, for reports
     logs: str = ""  # the workers' stdout and stderr
@@ -249,7 +270,7 @@ TENANTS = ("alpha", "beta")
 
 
 async def record_run(backend: str, workdir: Path, redis_server: RedisServer) -> FleetRun:
-    run = FleetRun(backend)
+    run = FleetRun(backend, store_key=generate_key())
     sts = StrictSTS().start()
     sqlite_path = workdir / "store.db"
     if backend == "redis":
@@ -264,7 +285,7 @@ async def record_run(backend: str, workdir: Path, redis_server: RedisServer) -> 
         sts_url=sts.url,
         store=backend,
         store_url=store_url,
-        store_key=generate_key(),
+        store_key=run.store_key,
         env=FLEET_ENV,
     )
     sts.configure(issuer=fleet.issuer, jwks=None)
@@ -274,6 +295,16 @@ async def record_run(backend: str, workdir: Path, redis_server: RedisServer) -> 
     subscriber: AsyncRedis | None = None
     pubsub: Any = None
     try:
+        # The identity keys the workers compute (fleet_app's roles, the broker's defaults).
+        probe = CredentialBroker(
+            issuer=fleet.issuer,
+            signing_keys=[SigningKey.generate("ES256")],
+            sts_endpoint_url=sts.url,
+        )
+        run.identity_keys = {
+            t: probe.identity_key(Role(arn(t), subject=f"tenant:{t}")) for t in TENANTS
+        }
+        await probe.aclose()
         if backend == "redis":
             # Also record every pub/sub message the fleet sends (not stored, but on the wire).
             subscriber = AsyncRedis.from_url(store_url)
@@ -393,10 +424,18 @@ def test_no_secret_in_clear_in_the_store(fleet_run: FleetRun) -> None:
     assert sum(label.endswith(" JWT") for label in secrets) == 4
     blobs = fleet_run.stored
     assert in_clear(blobs, secrets) == []
-    # Positive control: the scan reads real store content (identity digests are stored in clear).
+    # Positive control: the scan reads real store content (value names are stored in clear).
     assert len(fleet_run.store_keys) == 2, list(blobs)
     for key in fleet_run.store_keys:
         assert any(key.encode() in blob for blob in blobs.values()), key
+    # Those names are keyed digests of the identity keys (under the fleet's store key), and
+    # neither the identity keys nor unkeyed digests of them appear anywhere: a digest of a
+    # role ARN and subject can be reversed with a word list.
+    cipher = StoreCipher([fleet_run.store_key])
+    assert sorted(fleet_run.store_keys) == sorted(
+        cipher.store_key(key) for key in fleet_run.identity_keys.values()
+    )
+    assert in_clear(blobs, unkeyed_names(fleet_run.identity_keys)) == []
     if fleet_run.backend == "redis":
         assert b"pmessage" in blobs["redis pub/sub messages"]  # notifications were seen
     # Nor in the workers' logs (role ARNs may be logged; credentials and tokens never).
@@ -661,6 +700,88 @@ async def test_tampered_or_swapped_redis_values_are_refetched_never_served(
         assert reader.store_stats.hits == 0
     finally:
         await raw.aclose()
+
+
+async def redis_listing(redis_url: str) -> list[str]:
+    """``KEYS *`` on the server: every key name a store left there, as anyone listing sees."""
+    raw = AsyncRedis.from_url(redis_url)
+    try:
+        return sorted(k.decode() for k in await raw.keys("*"))
+    finally:
+        await raw.aclose()
+
+
+async def test_redis_key_names_reveal_no_identity(
+    redis_brokers: Callable[..., CredentialBroker], strict_sts: StrictSTS, redis_url: str
+) -> None:
+    alice = Role(arn("tenant-a"), subject="alice")
+    bob = Role(arn("tenant-b"), subject="bob")
+    strict_sts.reject_roles.add(bob.arn)
+    writer, reader = redis_brokers(), redis_brokers()
+    got = await writer.get(alice)
+    assert (await reader.get(alice)).access_key_id == got.access_key_id  # shared
+    with pytest.raises(CredentialsRejected):
+        await writer.get(bob)  # leaves a failure marker for the fleet (1 s at least)
+    listing = await redis_listing(redis_url)
+    assert strict_sts.calls_for(alice.arn) == 1 and strict_sts.calls_for(bob.arn) == 1
+    assert writer._shared is not None
+    cipher = writer._shared.store.cipher
+    keys = {"alice": writer.identity_key(alice), "bob": writer.identity_key(bob)}
+    # Alice's value and Bob's failure marker, under keyed names; the leases were released.
+    assert listing == sorted(
+        [
+            f"{PREFIX}v:{cipher.store_key(keys['alice'])}",
+            f"{PREFIX}v:{cipher.store_key('f|' + keys['bob'])}",
+        ]
+    )
+    dump = {"KEYS *": "\n".join(listing).encode()}
+    assert in_clear(dump, unkeyed_names(keys)) == []
+    for needle in (alice.arn, bob.arn, "tenant-a", "alice", "bob"):
+        assert needle not in "\n".join(listing)
+
+
+async def test_stores_with_other_encryption_keys_name_an_identity_differently(
+    redis_brokers: Callable[..., CredentialBroker], strict_sts: StrictSTS, redis_url: str
+) -> None:
+    alice = Role(arn("tenant-a"), subject="alice")
+    one, two = redis_brokers(keys=[generate_key()]), redis_brokers(keys=[generate_key()])
+    assert one.identity_key(alice) == two.identity_key(alice)  # one identity...
+    assert store_name(one, alice) != store_name(two, alice)  # ...two names
+    first, second = await one.get(alice), await two.get(alice)
+    # Neither could open the other's value anyway: each exchanged for itself.
+    assert strict_sts.calls_for(alice.arn) == 2
+    assert first.access_key_id != second.access_key_id
+    assert await redis_listing(redis_url) == sorted(
+        f"{PREFIX}v:{store_name(broker, alice)}" for broker in (one, two)
+    )
+
+
+async def test_a_key_rotation_renames_values_once_and_both_rings_get_credentials(
+    redis_brokers: Callable[..., CredentialBroker], strict_sts: StrictSTS, redis_url: str
+) -> None:
+    alice = Role(arn("tenant-a"), subject="alice")
+    old, new = generate_key(), generate_key()
+    before = redis_brokers(keys=[old])  # a worker not rotated yet
+    during = redis_brokers(keys=[new, old])  # a worker rotated: new key first, old kept
+    identity = before.identity_key(alice)
+    assert store_name(during, alice) == StoreCipher([new]).store_key(identity)
+    assert store_name(before, alice) == StoreCipher([old]).store_key(identity)
+    assert store_name(during, alice) != store_name(before, alice)
+
+    got_old = await before.get(alice)
+    got_new = await during.get(alice)  # a miss under the new name: one extra exchange
+    assert strict_sts.calls_for(alice.arn) == 2
+    assert [got_old.access_key_id, got_new.access_key_id] == issued_keys(strict_sts, alice.arn)
+    assert await redis_listing(redis_url) == sorted(
+        f"{PREFIX}v:{store_name(broker, alice)}" for broker in (before, during)
+    )
+    # From then on each ring shares its own value, without another exchange; once the old
+    # key is dropped, the new name still serves (its value was sealed with the new key).
+    for keys, expected in (([old], got_old), ([new, old], got_new), ([new], got_new)):
+        cold = redis_brokers(keys=keys)
+        assert (await cold.get(alice)).access_key_id == expected.access_key_id, keys
+        assert cold.store_stats is not None and cold.store_stats.hits == 1, keys
+    assert strict_sts.calls_for(alice.arn) == 2
 
 
 # -- in process: SharedTier with a MemoryStore --------------------------------------------------
@@ -1224,3 +1345,300 @@ async def test_a_half_open_breaker_lets_one_call_probe_the_store(clock: FakeCloc
     keys = [f"{n:064x}" for n in range(20)]
     await asyncio.gather(*(tier._read(k, value_name(tier.store, k), None, None) for k in keys))
     assert Hanging.gets == 2  # one probe, not twenty timeouts
+
+
+# -- squatted leases, replayed and foreign failure markers ----------------------------------------
+
+# Real time: a cold miss really waits (on the loop) for lease_wait; kept short.
+LEASE_WAIT = 0.5
+# What the loop and a real store's round trips may add to it.
+SLACK = 1.0
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def real_store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[Any]:
+    """A MemoryStore (on the fake clock) or a RedisStore on the real redis-server."""
+    if request.param == "memory":
+        yield MemoryStore(encryption_keys=[generate_key()], clock=clock)
+        return
+    store = RedisStore(request.getfixturevalue("redis_url"), encryption_keys=[generate_key()])
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+async def timed(tier: SharedTier, exchange: Exchange) -> tuple[Credentials, float]:
+    """A cold miss for KEY: the credentials it got and how long it took (loop time)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    got, _ = await asyncio.wait_for(tier.obtain(KEY, exchange, newer_than=None), 10.0)
+    return got, loop.time() - started
+
+
+async def test_a_squatted_lease_costs_a_cold_miss_at_most_lease_wait(
+    real_store: Any, clock: FakeClock
+) -> None:
+    # A worker that took the lease and then hung, or anyone who can write to the store, holds
+    # it for an hour: a cold miss waits lease_wait for it, then exchanges by itself.
+    name = value_name(real_store, KEY)
+    assert await real_store.acquire(name, "squatter", 3600.0)
+    tier = make_tier(real_store, clock, lease_ttl=30.0, lease_wait=LEASE_WAIT, wait_slice=0.1)
+    exchange = Exchange(clock)
+    got, elapsed = await timed(tier, exchange)
+    assert exchange.calls == 1 and got.access_key_id == "ASIA00000000000000X1"
+    assert tier.stats.waits >= 1 and tier.stats.leases == 0  # it waited, never held the lease
+    assert LEASE_WAIT - 0.05 <= elapsed <= LEASE_WAIT + SLACK, elapsed
+    assert await real_store.holder(name) == "squatter"  # not taken from its holder
+    # What it got was shared all the same: the next cold worker takes it, no exchange.
+    again, _ = await make_tier(real_store, clock).obtain(KEY, exchange, newer_than=None)
+    assert again == got and exchange.calls == 1
+
+
+async def test_a_replayed_failure_marker_under_a_squatted_lease_is_not_believed(
+    real_store: Any, clock: FakeClock
+) -> None:
+    # A real marker, left by a holder whose exchange was refused.
+    refused = Exchange(clock)
+    refused.error = CredentialsRejected("Not authorized", code="AccessDenied")
+    with pytest.raises(CredentialsRejected):
+        await make_tier(real_store, clock).obtain(KEY, refused, newer_than=None)
+    marker = marker_name(real_store, KEY)
+    captured = await real_store.get(marker)
+    assert isinstance(captured, bytes)
+    plaintext = real_store.cipher.open(marker, captured)
+    assert plaintext is not None
+    holder = json.loads(plaintext)["h"]
+    # Positive control: fresh, and for its own holder, it is believed.
+    with pytest.raises(CredentialsRejected):
+        await make_tier(real_store, clock)._raise_remembered_failure(KEY, marker, holder)
+
+    # A minute later on STS's clock the same bytes are put back for an hour, and the lease is
+    # squatted under the very holder id they name (both readable to whoever lists the store).
+    clock.advance(60.0)
+    await real_store.put(marker, captured, 3600.0)
+    assert await real_store.acquire(value_name(real_store, KEY), holder, 3600.0)
+
+    tier = make_tier(real_store, clock, lease_ttl=30.0, lease_wait=LEASE_WAIT, wait_slice=0.1)
+    exchange = Exchange(clock)
+    got, elapsed = await timed(tier, exchange)  # not the old CredentialsRejected
+    assert exchange.calls == 1 and got.access_key_id == "ASIA00000000000000X1"
+    assert refused.calls == 1  # and nobody repeated the refused exchange
+    assert tier.stats.waits >= 1
+    assert elapsed <= LEASE_WAIT + SLACK, elapsed
+
+
+async def test_a_recent_marker_counts_only_from_the_holder_waited_for(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    # Worker X's exchange is refused: it leaves a marker (recent: no time passes here) and
+    # releases the lease. Worker Y takes the lease next; a waiter waits for Y.
+    refused = Exchange(clock)
+    refused.error = CredentialsRejected("Not authorized", code="AccessDenied")
+    with pytest.raises(CredentialsRejected):
+        await make_tier(store, clock).obtain(KEY, refused, newer_than=None)
+    assert await store.get(marker_name(store, KEY)) is not None  # still live
+    name = value_name(store, KEY)
+    assert await store.acquire(name, "worker-y", 60.0)
+    waiter = make_tier(store, clock, lease_wait=30.0, wait_slice=30.0)
+    exchange = Exchange(clock)
+    waiting = asyncio.create_task(waiter.obtain(KEY, exchange, newer_than=None))
+    await eventually(lambda: waiter.stats.waits == 1)
+    # Y ends without a value (say its put failed): it releases and wakes the waiter, which
+    # must not answer with X's failure: it takes the free lease and exchanges.
+    assert await store.release(name, "worker-y")
+    await store.notify(name)
+    got, _ = await asyncio.wait_for(waiting, 5.0)
+    assert exchange.calls == 1 and waiter.stats.leases == 1
+    assert got.access_key_id == "ASIA00000000000000X1"
+
+    # The holder waited for fails: its marker is believed, with its code, message and when
+    # to retry (the marker's remaining time).
+    holder_exchange = Exchange(clock)
+    holder_exchange.gate = asyncio.Event()
+    holder_exchange.error = CredentialsRejected("Not authorized for tenant-b", code="AccessDenied")
+    holding = asyncio.create_task(
+        make_tier(store, clock).obtain(OTHER_KEY, holder_exchange, newer_than=None)
+    )
+    await eventually(lambda: holder_exchange.calls == 1)
+    waiter = make_tier(store, clock, lease_wait=30.0, wait_slice=30.0)
+    waiting = asyncio.create_task(waiter.obtain(OTHER_KEY, exchange, newer_than=None))
+    await eventually(lambda: waiter.stats.waits == 1)
+    holder_exchange.gate.set()
+    with pytest.raises(CredentialsRejected):
+        await holding
+    with pytest.raises(CredentialsRejected) as info:
+        await asyncio.wait_for(waiting, 5.0)
+    assert type(info.value) is CredentialsRejected and info.value.code == "AccessDenied"
+    assert info.value.message == "Not authorized for tenant-b"
+    assert info.value.retry_after is not None and 0 < info.value.retry_after <= 5.0
+    assert exchange.calls == 1  # the waiter did not repeat the refused exchange
+
+
+@pytest.mark.parametrize(
+    ("past_ttl", "extra", "believed"),
+    [
+        (False, -2.1, False),
+        (False, -1.9, True),
+        (False, 0.0, True),
+        (True, 1.9, True),
+        (True, 2.1, False),
+    ],
+)
+async def test_a_marker_is_believed_only_within_its_ttl_and_2s_of_skew(
+    clock: FakeClock, past_ttl: bool, extra: float, believed: bool
+) -> None:
+    """Read ``extra`` seconds after the marker's write time (``past_ttl``: after its TTL)."""
+    # The store keeps the marker (its own clock does not move): only its age on the
+    # reader's STS clock decides.
+    store = MemoryStore(encryption_keys=[generate_key()], clock=FakeClock())
+    refused = Exchange(clock)
+    refused.error = STSUnavailable("Rate exceeded", code="Throttling")
+    with pytest.raises(STSUnavailable):
+        await make_tier(store, clock).obtain(KEY, refused, newer_than=None)
+    marker = marker_name(store, KEY)
+    sealed = await store.get(marker)
+    assert sealed is not None
+    data = json.loads(store.cipher.open(marker, sealed) or b"")
+    assert data["w"] == T0 and 0.5 <= data["ttl"] <= 2.0
+    seconds = (data["ttl"] if past_ttl else 0.0) + extra
+    reader = make_tier(store, FakeClock(T0 + seconds))
+    if not believed:
+        await reader._raise_remembered_failure(KEY, marker, data["h"])
+        return
+    with pytest.raises(STSUnavailable) as info:
+        await reader._raise_remembered_failure(KEY, marker, data["h"])
+    assert info.value.code == "Throttling"
+    assert info.value.retry_after == pytest.approx(max(0.0, data["ttl"] - seconds))
+
+
+# -- rejected access keys, STS clock offsets ------------------------------------------------------
+
+
+async def test_rejected_passes_over_that_access_key_only(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    refused = credentials(T0 + 3600.0, "REFUSED")
+    plant(store, KEY, refused)
+    tier = make_tier(store, clock)
+    exchange = Exchange(clock)
+    # Another id refused (one replaced since): the stored value is taken.
+    got, _ = await tier.obtain(KEY, exchange, newer_than=None, rejected="ASIA0000000000000OLD")
+    assert got == refused and exchange.calls == 0 and tier.stats.hits == 1
+    # Its own id refused: passed over, on the first read and on the re-read under the lease.
+    got, _ = await tier.obtain(KEY, exchange, newer_than=None, rejected=refused.access_key_id)
+    assert exchange.calls == 1 and got.access_key_id == "ASIA00000000000000X1"
+    assert tier.stats.hits == 1 and tier.stats.rejected == 0  # not counted as garbage
+    # The exchange replaced it in the store: the fleet's next cold miss gets the new one.
+    fresh, _ = await make_tier(store, clock).obtain(KEY, exchange, newer_than=None)
+    assert fresh == got and exchange.calls == 1
+
+
+def known_clock(local: FakeClock, offset: float) -> StsClock:
+    """An StsClock that heard STS itself: one answer dated ``offset`` s from ``local``."""
+    sts_clock = StsClock(local)
+    now = local.time()
+    sts_clock.observe(now + offset - 0.5, now, now)  # Date is stamped to the second
+    assert sts_clock.known and sts_clock.offset == offset
+    return sts_clock
+
+
+def stored_offset(store: MemoryStore, key: str) -> Any:
+    name = value_name(store, key)
+    plaintext = store.cipher.open(name, store._values[name][0])
+    assert plaintext is not None
+    return json.loads(plaintext)["o"]
+
+
+async def test_a_reader_not_knowing_stss_clock_adopts_the_writers_offset(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    exchange = Exchange(clock)
+    # The writer knows STS's clock is 30 s ahead: it stores that with the value.
+    await make_tier(store, clock, sts_clock=known_clock(clock, 30.0)).obtain(
+        KEY, exchange, newer_than=None
+    )
+    assert stored_offset(store, KEY) == 30.0
+    cold = StsClock(clock)
+    got, _ = await make_tier(store, clock, sts_clock=cold).obtain(KEY, exchange, newer_than=None)
+    assert got.access_key_id == "ASIA00000000000000X1" and exchange.calls == 1
+    assert cold.offset == 30.0 and not cold.known  # adopted, until a sample of its own
+    assert cold.now() == T0 + 30.0
+    # A writer that has not heard STS itself stores no offset, adopted or not.
+    await make_tier(store, clock, sts_clock=cold).obtain(OTHER_KEY, exchange, newer_than=None)
+    assert exchange.calls == 2 and stored_offset(store, OTHER_KEY) is None
+    untouched = StsClock(clock)
+    await make_tier(store, clock, sts_clock=untouched).obtain(OTHER_KEY, exchange, newer_than=None)
+    assert untouched.offset == 0.0 and exchange.calls == 2
+
+
+async def test_an_adopted_offset_decides_what_is_fresh_and_a_known_one_is_kept(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    # 90 s left on the local clock, but the writer knew STS is 30 s ahead: 60 s left there,
+    # inside the mandatory window plus margin, so a reader that adopts it does not serve it.
+    plant(store, KEY, credentials(T0 + 90.0, "SOON"), sts_offset=30.0)
+    plant(store, OTHER_KEY, credentials(T0 + 90.0, "SOON"), sts_offset=30.0)
+    exchange = Exchange(clock)
+    cold = StsClock(clock)
+    got, _ = await make_tier(store, clock, sts_clock=cold).obtain(KEY, exchange, newer_than=None)
+    assert cold.offset == 30.0
+    assert exchange.calls == 1 and got.access_key_id == "ASIA00000000000000X1"
+    # A reader that knows STS is 5 s behind keeps its own view: 95 s left, served.
+    warm = known_clock(clock, -5.0)
+    got, _ = await make_tier(store, clock, sts_clock=warm).obtain(
+        OTHER_KEY, exchange, newer_than=None
+    )
+    assert warm.offset == -5.0 and warm.known
+    assert exchange.calls == 1 and got.access_key_id == credentials(0, "SOON").access_key_id
+
+
+class _Behind:
+    """Every host's local clock, 300 s behind STS's (and equal to each other)."""
+
+    def time(self) -> float:
+        return 1_800_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("holder_knows", "waiter_knows"), [(True, False), (False, True), (True, True), (False, False)]
+)
+async def test_a_fresh_marker_is_believed_whoever_has_heard_stss_clock(
+    holder_knows: bool, waiter_knows: bool
+) -> None:
+    # Review finding: the marker's time was on the holder's estimate of STS's clock and its
+    # age on the waiter's; with local clocks 300 s off and one side not knowing STS's clock
+    # yet (a cold start during an outage), fresh markers were never believed.
+    local = _Behind()
+    store = MemoryStore(encryption_keys=[generate_key()])
+    clocks = [StsClock(local), StsClock(local)]
+    for clock, knows in zip(clocks, (holder_knows, waiter_knows), strict=True):
+        if knows:
+            clock.observe(local.time() + 300 - 0.5, local.time(), local.time())
+    gate, calls = asyncio.Event(), {"holder": 0, "waiter": 0}
+
+    async def failing() -> tuple[Credentials, float]:
+        calls["holder"] += 1
+        await gate.wait()
+        raise STSUnavailable("Rate exceeded", code="Throttling")
+
+    async def waiter_exchange() -> tuple[Credentials, float]:
+        calls["waiter"] += 1
+        expires = datetime.fromtimestamp(local.time() + 3600, timezone.utc)
+        return Credentials("ASIAWAITER", "s", "t", expires), 3600.0
+
+    holder = SharedTier(store, sts_clock=clocks[0], wait_slice=30.0)
+    waiter = SharedTier(store, sts_clock=clocks[1], wait_slice=30.0)
+    held = asyncio.create_task(holder.obtain("k" * 64, failing, newer_than=None))
+    while calls["holder"] == 0:  # noqa: ASYNC110 - state of the code under test
+        await asyncio.sleep(0.001)
+    waiting = asyncio.create_task(waiter.obtain("k" * 64, waiter_exchange, newer_than=None))
+    while waiter.stats.waits == 0:  # noqa: ASYNC110 - state of the code under test
+        await asyncio.sleep(0.001)
+    gate.set()
+    with pytest.raises(STSUnavailable, match="Rate exceeded"):
+        await held
+    with pytest.raises(STSUnavailable, match="Rate exceeded") as info:
+        await waiting
+    assert info.value.code == "Throttling"
+    assert calls["waiter"] == 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import re
 
 import pytest
 
@@ -91,3 +93,49 @@ def test_generate_key_gives_distinct_256_bit_keys() -> None:
     keys = {generate_key() for _ in range(50)}
     assert len(keys) == 50
     assert all(len(base64.b64decode(k)) == 32 for k in keys)
+
+
+NAMES = ("0" * 64, "f|" + "0" * 64, "arn:aws:iam::123456789012:role/app|alice", "")
+
+
+def test_store_key_is_a_deterministic_64_hex_digest_per_key_ring() -> None:
+    key = generate_key()
+    cipher = StoreCipher([key])
+    for name in NAMES:
+        digest = cipher.store_key(name)
+        assert re.fullmatch(r"[0-9a-f]{64}", digest), name
+        assert cipher.store_key(name) == digest  # deterministic
+        assert StoreCipher([key]).store_key(name) == digest  # another worker, same ring
+    assert len({cipher.store_key(name) for name in NAMES}) == len(NAMES)  # names differ
+
+
+def test_store_key_depends_on_the_first_key_only() -> None:
+    first, second, other = generate_key(), generate_key(), generate_key()
+    ring = StoreCipher([first])
+    for name in NAMES:
+        # Other first keys: other names, so a store's names reveal nothing across deployments.
+        assert StoreCipher([other]).store_key(name) != ring.store_key(name)
+        assert StoreCipher([second, first]).store_key(name) != ring.store_key(name)
+        # The same first key, whatever follows it, or however it is written: the same names.
+        assert StoreCipher([first, second]).store_key(name) == ring.store_key(name)
+        assert StoreCipher([first, other, second]).store_key(name) == ring.store_key(name)
+        raw = base64.b64decode(first)
+        assert StoreCipher([raw]).store_key(name) == ring.store_key(name)
+
+
+def test_store_key_is_never_the_plain_sha256_of_the_name() -> None:
+    # A plain digest of a role ARN or tenant name can be reversed with a word list.
+    for cipher in (StoreCipher([generate_key()]), StoreCipher(allow_plaintext=True)):
+        for name in NAMES:
+            digest = cipher.store_key(name)
+            assert digest != hashlib.sha256(name.encode()).hexdigest(), name
+            assert digest != name
+
+
+def test_a_keyless_cipher_still_names_by_a_digest() -> None:
+    plain = StoreCipher(allow_plaintext=True)
+    for name in NAMES:
+        digest = plain.store_key(name)
+        assert re.fullmatch(r"[0-9a-f]{64}", digest), name
+        assert StoreCipher(allow_plaintext=True).store_key(name) == digest
+    assert plain.store_key(NAMES[0]) != StoreCipher([generate_key()]).store_key(NAMES[0])

@@ -6,6 +6,8 @@ import asyncio
 
 import pytest
 
+from servers.sts import StrictSTS
+from stscreds import CredentialBroker, Role, SigningKey
 from stscreds.stores import CredentialStore, MemoryStore, generate_key
 
 
@@ -83,3 +85,61 @@ def test_repr_shows_counts_not_values() -> None:
     store = MemoryStore(encryption_keys=[generate_key()])
     store._values["k"] = (b"sealed-secret", 1.0)
     assert "sealed-secret" not in repr(store) and "values=1" in repr(store)
+
+
+async def test_holder_names_the_live_lease_owner_only(store: MemoryStore, clock: Clock) -> None:
+    assert await store.holder("k") is None  # free
+    assert await store.acquire("k", "a", 5.0)
+    assert await store.holder("k") == "a"
+    assert await store.holder("other") is None  # per key
+    assert await store.release("k", "a")
+    assert await store.holder("k") is None  # released
+    assert await store.acquire("k", "b", 5.0)
+    clock.now += 4.9
+    assert await store.holder("k") == "b"
+    clock.now += 0.1
+    assert await store.holder("k") is None  # expired, though nobody released it
+
+
+async def test_aclose_leaves_values_and_leases_to_other_users_and_clear_drops_them(
+    store: MemoryStore,
+) -> None:
+    # One MemoryStore may back several brokers: one of them closing must not wipe the
+    # values and leases the others rely on.
+    await store.put("k", b"sealed", 10.0)
+    assert await store.acquire("k", "a", 5.0)
+    await store.aclose()
+    assert await store.get("k") == b"sealed"
+    assert await store.holder("k") == "a"
+    store.clear()
+    assert await store.get("k") is None
+    assert await store.holder("k") is None
+    assert await store.acquire("k", "b", 5.0)  # the lease is free again
+
+
+async def test_a_broker_closing_leaves_the_shared_credentials_to_the_other(
+    strict_sts: StrictSTS,
+) -> None:
+    shared = MemoryStore(encryption_keys=[generate_key()])
+    signing_key = SigningKey.generate("ES256")
+    first, second = (
+        CredentialBroker(
+            issuer="http://127.0.0.1:1/memory-issuer",
+            signing_keys=[signing_key],
+            sts_endpoint_url=strict_sts.url,
+            store=shared,
+        )
+        for _ in "ab"
+    )
+    strict_sts.configure(issuer=first.issuer, jwks=first.jwks)
+    role = Role("arn:aws:iam::123456789012:role/app/reader", subject="alice")
+    try:
+        got = await first.get(role)
+        await first.aclose()
+        # The second broker's cold miss is served from the store, not by a second exchange.
+        assert (await second.get(role)).access_key_id == got.access_key_id
+        assert strict_sts.calls == 1
+        assert second.store_stats is not None and second.store_stats.hits == 1
+    finally:
+        await first.aclose()
+        await second.aclose()

@@ -224,6 +224,26 @@ async def test_an_expired_lease_can_be_taken(make_store: MakeStore, raw: Redis) 
     assert await b.release(KEY, "owner-b")
 
 
+async def test_holder_names_the_live_lease_owner_only(make_store: MakeStore, raw: Redis) -> None:
+    a, b = make_store(), make_store()  # the holder, and a worker asking who holds it
+    assert await b.holder(KEY) is None  # free
+    assert await a.acquire(KEY, "owner-a", 10)
+    assert await b.holder(KEY) == "owner-a"
+    assert await b.holder(OTHER_KEY) is None  # per key
+    assert await a.release(KEY, "owner-a")
+    assert await b.holder(KEY) is None  # released
+    assert await a.acquire(KEY, "owner-a", 0.05)  # Redis expires it by itself
+
+    async def expired() -> bool:
+        return await raw.exists(f"stscreds:l:{KEY}") == 0
+
+    await eventually(expired, timeout=1.0)
+    assert await b.holder(KEY) is None  # expired, though nobody released it
+    # Another prefix is another namespace: its leases are not this one's.
+    assert await a.acquire(KEY, "owner-a", 10)
+    assert await make_store(prefix="other:").holder(KEY) is None
+
+
 async def test_one_of_many_concurrent_acquirers_wins(make_store: MakeStore) -> None:
     stores = [make_store() for _ in range(8)]
     won = await asyncio.gather(*(s.acquire(KEY, f"owner-{i}", 10) for i, s in enumerate(stores)))

@@ -202,6 +202,25 @@ async def test_only_the_live_owner_extends(open_store: OpenStore) -> None:
     assert not await store.extend(KEY, "a", 10)  # expired: too late to extend
 
 
+async def test_holder_names_the_live_lease_owner_only(
+    open_store: OpenStore, db: pathlib.Path
+) -> None:
+    clock = FakeClock()
+    holding, asking = open_store(clock=clock), open_store(clock=clock)  # two workers
+    assert await asking.holder(KEY) is None  # free
+    assert await holding.acquire(KEY, "a", 10)
+    assert await asking.holder(KEY) == "a"
+    assert await asking.holder("other-key") is None  # per key
+    assert await holding.release(KEY, "a")
+    assert await asking.holder(KEY) is None  # released
+    assert await holding.acquire(KEY, "b", 10)
+    clock.now += 9.999
+    assert await asking.holder(KEY) == "b"
+    clock.now += 0.001
+    assert await asking.holder(KEY) is None  # expired, though its row is still there
+    assert [row[:2] for row in raw_rows(db, "stscreds_leases")] == [(KEY, "b")]
+
+
 async def test_lease_is_exclusive_across_two_stores(open_store: OpenStore) -> None:
     stores = [open_store(), open_store()]
     for round_ in range(25):

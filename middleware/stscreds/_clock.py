@@ -75,8 +75,9 @@ class StsClock:
 
     def adopt(self, offset: float) -> None:
         """Take ``offset`` (another worker's estimate) until a sample of our own arrives."""
-        if not self.known:
-            self.offset = offset
+        with self._lock:
+            if not self.known:
+                self.offset = offset
 
     def reset(self) -> None:
         """Forget every sample (and, after a fork, the parent's lock)."""

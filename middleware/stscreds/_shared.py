@@ -217,6 +217,7 @@ class SharedTier:
         # else holds, is not believed.
         low, high = _FAILURE_TTL[isinstance(error, CredentialsRejected)]
         ttl = random.uniform(low, high)  # noqa: S311 - spreads retries, not a secret
+        known = self._sts_clock.known
         marker = json.dumps(
             {
                 "k": key,
@@ -224,7 +225,10 @@ class SharedTier:
                 "c": error.code,
                 "m": error.message,
                 "h": owner,
-                "w": self._sts_clock.now(),
+                # Written on STS's clock when this worker knows it ("o" its offset), else on
+                # the local clock: the reader judges the age on the same footing.
+                "w": self._sts_clock.local.time() + (known and self._sts_clock.offset),
+                "o": self._sts_clock.offset if known else None,
                 "ttl": ttl,
             }
         ).encode()
@@ -242,7 +246,15 @@ class SharedTier:
             data = json.loads(plaintext)
             if data["k"] != key or data["h"] != holder:
                 return
-            age = self._sts_clock.now() - float(data["w"])
+            offset = data.get("o")
+            if offset is None:
+                # The holder had not heard STS: both judge on local clocks (a fleet's hosts
+                # keep theirs close).
+                now = self._sts_clock.local.time()
+            else:
+                self._sts_clock.adopt(float(offset))
+                now = self._sts_clock.now()
+            age = now - float(data["w"])
             if not -_MARKER_SKEW <= age <= float(data["ttl"]) + _MARKER_SKEW:
                 return
             kind = CredentialsRejected if data["r"] else STSUnavailable
