@@ -627,3 +627,21 @@ async def test_a_rejection_is_logged_with_stss_message_once_per_period(
     with pytest.raises(CredentialsRejected):
         await broker.get(role)
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2
+
+
+async def test_brokers_sharing_a_budget_ration_together(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    budget = StsBudget(clock=clock.time, burst=2)
+    first, second = make_broker(sts_budget=budget), make_broker(sts_budget=budget)
+    assert first.sts_budget is second.sts_budget is budget
+    strict_sts.fail_always("Throttling", 400, "Rate exceeded")
+    with pytest.raises(STSUnavailable):
+        await first.get(Role(ROLE, subject="one"))
+    assert budget.limited  # closed by the first broker's throttling answer...
+    strict_sts.clear_faults()
+    for subject in ("two", "three"):  # ...so the second gets the burst (2 calls) and no more
+        await second.get(Role(ROLE, subject=subject))
+    with pytest.raises(STSUnavailable, match="holding calls back"):
+        await second.get(Role(ROLE, subject="four"))
+    assert strict_sts.calls == 3
