@@ -118,3 +118,13 @@ def test_thread_safe_under_concurrent_acquires() -> None:
 def test_arguments_are_validated(options: dict[str, float], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         StsBudget(**options)
+
+
+def test_after_fork_gets_a_new_lock() -> None:
+    budget = StsBudget(clock=Now())
+    old = budget._lock
+    old.acquire()  # as if a parent thread held it at the fork
+    budget.after_fork()
+    budget.throttled()  # does not block
+    assert budget.limited
+    old.release()

@@ -61,3 +61,14 @@ def test_observe_from_many_threads() -> None:
     for thread in threads:
         thread.join()
     assert clock.offset == 10.0 and len(clock._samples) == StsClock.SAMPLES
+
+
+def test_after_fork_keeps_the_offset_with_a_new_lock() -> None:
+    clock = StsClock(FakeClock(0.0))
+    clock.observe(9.5, 0.0, 0.0)
+    old = clock._lock
+    old.acquire()  # as if a parent thread held it at the fork
+    clock.after_fork()
+    assert clock._lock is not old and clock.offset == 10.0 and clock.known
+    clock.observe(9.5, 0.0, 0.0)  # does not block
+    old.release()

@@ -372,6 +372,9 @@ class CredentialBroker:
         # cached credentials stay, they are valid in any process.
         self._inflight.clear()
         self._exchanger.reset_after_fork()
+        self.sts_clock.after_fork()
+        if self._exchanger.budget is not None:
+            self._exchanger.budget.after_fork()
         if self._shared is not None:
             self._shared.reset_after_fork()
 

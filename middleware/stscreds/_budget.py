@@ -122,6 +122,10 @@ class StsBudget:
                 self.limited = False
                 self.rate = self.max_rate
 
+    def after_fork(self) -> None:
+        """In a forked child: a new lock (a parent's thread may have held the old one)."""
+        self._lock = threading.Lock()
+
     def _refill(self, now: float) -> None:
         elapsed = max(0.0, now - self._updated)
         self._updated = now

@@ -79,6 +79,11 @@ class StsClock:
             if not self.known:
                 self.offset = offset
 
+    def after_fork(self) -> None:
+        """In a forked child: a new lock (a parent's thread may have held the old one); the
+        learned offset stays, it is as true here."""
+        self._lock = threading.Lock()
+
     def reset(self) -> None:
         """Forget every sample (and, after a fork, the parent's lock)."""
         self._lock = threading.Lock()
