@@ -26,6 +26,10 @@ def test_a_sample_is_the_middle_of_the_second_and_of_the_round_trip() -> None:
     assert clock.observe(1300.0, 1000.0, 1002.0) == 1300.5 - 1001.0
     assert clock.known
     assert clock.now() == 1000.0 + 299.5
+    # Half a second either way for the Date's resolution, one more for the round trip: expiry
+    # is judged that much early.
+    assert clock.margin == 1.5
+    assert clock.left(1000.0 + 299.5 + 10) == 10 - 1.5
 
 
 def test_the_median_of_the_last_samples_ignores_an_outlier() -> None:
@@ -42,7 +46,7 @@ def test_the_median_of_the_last_samples_ignores_an_outlier() -> None:
 def test_adopt_only_until_a_sample_of_its_own() -> None:
     clock = StsClock(FakeClock(0.0))
     clock.adopt(42.0)
-    assert clock.offset == 42.0 and not clock.known
+    assert clock.offset == 42.0 and not clock.known and clock.margin == 1.0
     clock.observe(9.5, 0.0, 0.0)
     clock.adopt(42.0)
     assert clock.offset == 10.0 and clock.known

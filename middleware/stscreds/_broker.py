@@ -437,7 +437,7 @@ class CredentialBroker:
             raise failure
         now = self._now()
         # Planned on STS's clock: what is left of the credentials there, from here on.
-        remaining = credentials.expiration.timestamp() - (now + self.sts_clock.offset)
+        remaining = self.sts_clock.left(credentials.expiration.timestamp())
         self._cache[key] = plan_entry(
             credentials, now, remaining=remaining, lifetime=lifetime, advisory=self._advisory
         )

@@ -36,7 +36,7 @@ class StsClock:
     is the median of the last few samples, so one slow or odd answer does not move it.
     """
 
-    __slots__ = ("_lock", "_samples", "known", "local", "offset")
+    __slots__ = ("_lock", "_samples", "known", "local", "margin", "offset")
 
     #: Samples the median is taken over.
     SAMPLES = 5
@@ -45,9 +45,12 @@ class StsClock:
         self.local = local
         #: Seconds STS's clock is ahead of the local one (negative: behind).
         self.offset = 0.0
+        #: How far off ``offset`` may be (the Date header's second and the round trip):
+        #: expiry is judged this much early, so nothing is served past its floor.
+        self.margin = 0.0
         #: True once at least one answer from STS carried a usable Date header.
         self.known = False
-        self._samples: list[float] = []
+        self._samples: list[tuple[float, float]] = []
         # Answers are observed on the exchange threads.
         self._lock = threading.Lock()
 
@@ -55,21 +58,29 @@ class StsClock:
         """The current time on STS's clock (the local clock until an offset is known)."""
         return self.local.time() + self.offset
 
+    def left(self, expiration: float) -> float:
+        """Seconds until the STS-clock time ``expiration``, counted short by ``margin``."""
+        return expiration - (self.local.time() + self.offset + self.margin)
+
     def observe(self, sts_date: float, sent_at: float, received_at: float) -> float:
         """Learn from one answer: ``sts_date`` its Date header, the local send and receipt
         times around the call. Returns the new offset."""
-        # Date has one-second resolution and was stamped between send and receipt: take the
-        # middle of both intervals.
+        # Date has one-second resolution and was stamped between send and receipt: the
+        # middle of both intervals, give or take half of each.
         sample = sts_date + 0.5 - (sent_at + received_at) / 2
+        spread = 0.5 + max(0.0, received_at - sent_at) / 2
         with self._lock:
-            self._samples.append(sample)
+            self._samples.append((sample, spread))
             if len(self._samples) > self.SAMPLES:
                 del self._samples[0]
             ordered = sorted(self._samples)
             middle = len(ordered) // 2
-            self.offset = (
-                ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-            )
+            if len(ordered) % 2:
+                self.offset, self.margin = ordered[middle]
+            else:
+                (low, low_spread), (high, high_spread) = ordered[middle - 1], ordered[middle]
+                self.offset = (low + high) / 2
+                self.margin = max(low_spread, high_spread) + (high - low) / 2
             self.known = True
             return self.offset
 
@@ -78,6 +89,8 @@ class StsClock:
         with self._lock:
             if not self.known:
                 self.offset = offset
+                # Someone else's estimate, from another host's clock: judged a second early.
+                self.margin = max(self.margin, 1.0)
 
     def after_fork(self) -> None:
         """In a forked child: a new lock (a parent's thread may have held the old one); the
@@ -89,6 +102,7 @@ class StsClock:
         self._lock = threading.Lock()
         self._samples.clear()
         self.offset = 0.0
+        self.margin = 0.0
         self.known = False
 
     def __repr__(self) -> str:

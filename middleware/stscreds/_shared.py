@@ -188,10 +188,9 @@ class SharedTier:
         try:
             # Someone may have put between our read and our lease.
             found = await self._read(key, names.value, newer_than, rejected)
-            shared = True
             if found is None:
                 found = await exchange()
-                shared = await self._write(key, names.value, *found, force=True)
+                await self._write(key, names.value, *found, force=True, announce=False)
         except BaseException as error:
             await _stop(keeper)
             if isinstance(error, CredentialsUnavailable):
@@ -203,10 +202,10 @@ class SharedTier:
             await self._call(self.store.notify, names.value, force=True)
             raise
         await _stop(keeper)
+        # Released before the waiters wake: one that cannot use the value (or finds none)
+        # takes the free lease at once instead of sleeping out a wait slice.
         await self._call(self.store.release, names.value, owner, force=True)
-        if not shared:
-            # Nothing to read: wake the waiters so one takes the free lease now.
-            await self._call(self.store.notify, names.value, force=True)
+        await self._call(self.store.notify, names.value, force=True)
         return found
 
     async def _remember_failure(
@@ -296,8 +295,10 @@ class SharedTier:
             # better guess than none (hosts of a fleet keep their clocks close).
             self._sts_clock.adopt(writer_offset)
         expires_at = credentials.expiration.timestamp()
-        # The embedded absolute expiry decides, on STS's clock, not the store's TTL.
-        if expires_at - self._sts_clock.now() <= MANDATORY_WINDOW + _READ_MARGIN:
+        # The embedded absolute expiry decides, on STS's clock, not the store's TTL. The
+        # margin shrinks for short grants, or a 65 s grant would never be shared.
+        margin = min(_READ_MARGIN, max(0.0, lifetime - MANDATORY_WINDOW) / 2)
+        if self._sts_clock.left(expires_at) <= MANDATORY_WINDOW + margin:
             return None
         if newer_than is not None and expires_at <= newer_than:
             return None
@@ -305,17 +306,25 @@ class SharedTier:
         return credentials, lifetime
 
     async def _write(
-        self, key: str, name: str, credentials: Credentials, lifetime: float, *, force: bool = False
+        self,
+        key: str,
+        name: str,
+        credentials: Credentials,
+        lifetime: float,
+        *,
+        force: bool = False,
+        announce: bool = True,
     ) -> bool:
-        """Put and announce the credentials; False if the put did not happen."""
-        ttl = credentials.expiration.timestamp() - self._sts_clock.now() - MANDATORY_WINDOW
+        """Put (and with ``announce``, notify) the credentials; False if the put failed."""
+        ttl = self._sts_clock.left(credentials.expiration.timestamp()) - MANDATORY_WINDOW
         if ttl <= 0:
             return False
         offset = self._sts_clock.offset if self._sts_clock.known else None
         value = self.store.cipher.seal(name, _encode(key, credentials, lifetime, offset))
         if isinstance(await self._call(self.store.put, name, value, ttl, force=force), _Failed):
             return False
-        await self._call(self.store.notify, name, force=force)
+        if announce:
+            await self._call(self.store.notify, name, force=force)
         return True
 
     def _decode(
