@@ -660,11 +660,12 @@ async def test_tampered_or_swapped_redis_values_are_refetched_never_served(
         reader = redis_brokers()
         stats = reader.store_stats
         assert stats is not None
-        length = len(await raw.get(names[alice]))
         served: list[str] = []
-        for position in (0, 1, 6, length // 2, length - 1):
+        # Positions relative to each round's value: lengths vary (the expiry, the offset).
+        for where in (0, 1, 6, 0.5, -1):
             reader.invalidate(alice)
             tampered = bytearray(await raw.get(names[alice]))
+            position = int(len(tampered) * where) if isinstance(where, float) else where
             tampered[position] ^= 0x01
             assert await raw.set(names[alice], bytes(tampered), keepttl=True)
             calls, rejected = strict_sts.calls_for(alice.arn), stats.rejected
