@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stscreds
 
-.PHONY: venv deps demo test lint typecheck check bench clean
+.PHONY: venv deps demo test lint typecheck check bench soak clean
 
 venv: $(STAMP)
 
@@ -46,6 +46,9 @@ check: lint typecheck test
 
 bench: venv
 	$(PY) benchmarks/hit_path.py
+
+soak: venv deps
+	$(PY) benchmarks/soak.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -148,7 +148,9 @@ class SecretsFilter(logging.Filter):
 
     A logger's filters run only for records it is enabled for, so with DEBUG off (the usual
     production setting) this costs nothing; with it on, only records holding one of the
-    markers are rewritten.
+    markers are rewritten. A record's exception is cut down to its type and redacted message:
+    its traceback's frames hold the request body (the token) in their locals, which handlers
+    that show locals (rich, error trackers) would print.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -156,6 +158,13 @@ class SecretsFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a broken record is the handler's business
             return True
+        exc_info = record.exc_info
+        if exc_info and exc_info[1] is not None:
+            error = exc_info[1]
+            message = f"{message} ({type(error).__name__}: {error})"
+            record.exc_info = None
+            record.exc_text = None
+            record.msg, record.args = message, ()
         if any(marker in message for marker in _SECRET_MARKERS):
             record.msg = redact_secrets(message)
             record.args = ()
@@ -305,8 +314,6 @@ class StsExchanger:
                     f"STS did not answer within {self.deadline:g}s", role_arn=request.role_arn
                 ) from None
             except Exception as exc:
-                if self.budget is not None and is_throttling(exc):
-                    self.budget.throttled()
                 error = classify_error(exc, request.role_arn)
                 if isinstance(error, CredentialsRejected) or attempt >= self.max_attempts:
                     raise error from None
@@ -323,8 +330,6 @@ class StsExchanger:
                 last = error
                 await asyncio.sleep(delay)
                 continue
-            if self.budget is not None:
-                self.budget.succeeded()
             return _credentials_from(response)
 
     def _new_client(self) -> BaseClient:
@@ -355,8 +360,14 @@ class StsExchanger:
         except ClientError as error:
             # An error answer carries STS's clock too (and is when it matters most).
             self._observe(error.response, sent_at, local.time())
+            if self.budget is not None and is_throttling(error):
+                # Here on the thread, as the answer arrives: calls queued behind it on the
+                # pool must meet a closed budget, not wait for the event loop to notice.
+                self.budget.throttled()
             raise
         self._observe(response, sent_at, local.time())
+        if self.budget is not None:
+            self.budget.succeeded()
         return response
 
     def _observe(self, response: dict[str, Any], sent_at: float, received_at: float) -> None:
