@@ -696,3 +696,98 @@ async def test_a_short_grant_is_shared_by_the_fleet(
         clock.advance(6.0 if lifetime < 100 else lifetime - 59.0)
     # One call per refresh for the fleet of four (a 70 s grant lives past some cycles).
     assert 5 <= strict_sts.calls <= 10
+
+
+# -- found by review ---------------------------------------------------------------------------
+
+
+async def test_a_worker_reading_the_store_asks_sts_for_its_clock_first(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    sts_time: Skewed,
+) -> None:
+    # Local clocks 600 s behind STS. The writer learns that from its exchange; a reader that
+    # only reads the store used to take the writer's offset (another host's) or none at all
+    # (planning on its own clock: 600 s past the real expiry). It asks STS now.
+    sts_time.offset = 600.0
+    store = MemoryStore(encryption_keys=[generate_key()])
+    writer, reader = make_broker(store=store), make_broker(store=store)
+    role = Role(ROLE, duration_seconds=900)
+    credentials = await writer.get(role)
+    assert (await reader.get(role)) == credentials
+    assert strict_sts.calls == 1  # the probe is not an AssumeRoleWithWebIdentity call
+    assert reader.sts_clock.known and reader.sts_clock.offset == pytest.approx(600, abs=1)
+    entry = reader._cache[reader.identity_key(role)]
+    assert entry.expires_at == pytest.approx(T0 + 900, abs=2)
+
+
+async def test_a_local_clock_step_moves_the_cached_entries_with_it(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    sts_time: Skewed,
+) -> None:
+    broker = make_broker()
+    role = Role(ROLE, duration_seconds=900)
+    first = await broker.get(role)
+    entry = broker._cache[broker.identity_key(role)]
+    before = entry.expires_at
+    # NTP steps the local clock back 300 s; STS's clock goes on as it was.
+    clock.advance(-300)
+    sts_time.offset += 300
+    await broker.get(Role(ROLE, subject="another"))  # any answer from STS tells
+    assert broker.sts_clock.offset == pytest.approx(300, abs=1)
+    assert entry.expires_at == pytest.approx(before - 300, abs=1)
+    # So nothing is served past STS's expiry, on the new local clock.
+    strict_sts.fail_always("ServiceUnavailable", 503)
+    served = []
+    while True:
+        clock.advance(1.0)
+        try:
+            credentials = await broker.get(role)
+        except STSUnavailable:
+            break
+        assert credentials is first
+        served.append(left_on_sts(credentials, sts_time))
+    assert min(served) >= MIN_SERVE
+
+
+async def test_a_waiter_does_not_fall_back_to_credentials_invalidated_meanwhile(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker()
+    role = Role(ROLE)
+    first = await broker.get(role)
+    entry = broker._cache[broker.identity_key(role)]
+    clock.set(entry.mandatory_at + 1)
+    strict_sts.hang = True
+    waiter = asyncio.create_task(broker.get(role))
+    assert await asyncio.to_thread(strict_sts.wait_for_calls, 2, 5.0)
+    # AWS refused them in another request meanwhile.
+    assert broker.invalidate(role, access_key_id=first.access_key_id)
+    strict_sts.fail_always("ServiceUnavailable", 503)
+    strict_sts.release()
+    with pytest.raises(STSUnavailable):
+        await waiter
+
+
+async def test_a_refresh_the_budget_held_back_is_retried_when_it_allows(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    budget = StsBudget(clock=clock.time, burst=1)
+    broker = make_broker(sts_budget=budget)
+    role = Role(ROLE, duration_seconds=43200)
+    first = await broker.get(role)
+    entry = broker._cache[broker.identity_key(role)]
+    clock.set(entry.refresh_at)
+    budget.throttled()
+    assert budget.acquire() == 0.0  # the one token goes to a request
+    assert await broker.get(role) is first
+    await settle(broker)
+    assert strict_sts.calls == 1  # held back, never sent
+    # Not the 300-600 s SEP backoff (STS never failed): as soon as the budget allows.
+    assert entry.retry_at - clock.time() <= 5
+    clock.set(entry.retry_at + 1)
+    assert await broker.get(role) is first
+    await settle(broker)
+    assert strict_sts.calls == 2  # burst 1: a background refresh gets the token too

@@ -32,24 +32,27 @@ def test_a_sample_is_the_middle_of_the_second_and_of_the_round_trip() -> None:
     assert clock.left(1000.0 + 299.5 + 10) == 10 - 1.5
 
 
-def test_the_median_of_the_last_samples_ignores_an_outlier() -> None:
+def test_the_median_of_the_last_samples_ignores_a_slow_answer() -> None:
     clock = StsClock(FakeClock(0.0))
-    for offset in (100.0, 101.0, 5000.0, 100.0, 99.0):
+    for offset in (100.0, 101.0, 100.0, 99.0):
         clock.observe(offset - 0.5, 0.0, 0.0)
+    # Sent at 0, answered 20 s later, stamped by STS at local 19 (STS time 119): its middle
+    # is 9.5 s off, within its own uncertainty, so it is an outlier, not a step.
+    clock.observe(119.0, 0.0, 20.0)
     assert clock.offset == 100.0
-    # Only the last SAMPLES count: a real change of offset wins within a few answers.
-    for _ in range(3):
-        clock.observe(-200.5, 0.0, 0.0)
-    assert clock.offset == -200.0
+    # Only the last SAMPLES count.
+    assert len(clock._samples) == StsClock.SAMPLES
 
 
-def test_adopt_only_until_a_sample_of_its_own() -> None:
+def test_a_step_of_the_local_clock_is_followed_at_once() -> None:
     clock = StsClock(FakeClock(0.0))
-    clock.adopt(42.0)
-    assert clock.offset == 42.0 and not clock.known and clock.margin == 1.0
-    clock.observe(9.5, 0.0, 0.0)
-    clock.adopt(42.0)
-    assert clock.offset == 10.0 and clock.known
+    for _ in range(5):
+        clock.observe(9.5, 0.0, 0.0)
+    assert clock.offset == 10.0
+    # A quick answer that disagrees by more than both uncertainties is a step (NTP set the
+    # local clock): followed at once, not after the median has come round.
+    clock.observe(309.5, 0.0, 0.0)
+    assert clock.offset == 310.0
     clock.reset()
     assert clock.offset == 0 and not clock.known
 

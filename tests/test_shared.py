@@ -1551,47 +1551,44 @@ def stored_offset(store: MemoryStore, key: str) -> Any:
     return json.loads(plaintext)["o"]
 
 
-async def test_a_reader_not_knowing_stss_clock_adopts_the_writers_offset(
+async def test_a_reader_not_knowing_stss_clock_asks_sts_before_judging_a_value(
     store: MemoryStore, clock: FakeClock
 ) -> None:
+    # Review finding: readers used to adopt the writer's offset, measured against another
+    # host's clock. Now a reader that has not heard STS asks it (one cheap call) first.
+    plant(store, KEY, credentials(T0 + 90.0, "SOON"), sts_offset=None)
+    plant(store, OTHER_KEY, credentials(T0 + 90.0, "SOON"), sts_offset=None)
     exchange = Exchange(clock)
-    # The writer knows STS's clock is 30 s ahead: it stores that with the value.
-    await make_tier(store, clock, sts_clock=known_clock(clock, 30.0)).obtain(
-        KEY, exchange, newer_than=None
-    )
-    assert stored_offset(store, KEY) == 30.0
+    probes: list[StsClock] = []
     cold = StsClock(clock)
-    got, _ = await make_tier(store, clock, sts_clock=cold).obtain(KEY, exchange, newer_than=None)
-    assert got.access_key_id == "ASIA00000000000000X1" and exchange.calls == 1
-    assert cold.offset == 30.0 and not cold.known  # adopted, until a sample of its own
-    assert cold.now() == T0 + 30.0
-    # A writer that has not heard STS itself stores no offset, adopted or not.
-    await make_tier(store, clock, sts_clock=cold).obtain(OTHER_KEY, exchange, newer_than=None)
-    assert exchange.calls == 2 and stored_offset(store, OTHER_KEY) is None
-    untouched = StsClock(clock)
-    await make_tier(store, clock, sts_clock=untouched).obtain(OTHER_KEY, exchange, newer_than=None)
-    assert untouched.offset == 0.0 and exchange.calls == 2
+
+    async def learn_clock() -> bool:
+        probes.append(cold)
+        await asyncio.sleep(0)
+        cold.observe(T0 + 30.0 - 0.5, T0, T0)  # STS says it is 30 s ahead
+        return True
+
+    tier = make_tier(store, clock, sts_clock=cold, learn_clock=learn_clock)
+    # 90 s left on the local clock, 60 on STS's: inside the mandatory window, not served.
+    got = await asyncio.gather(*(tier.obtain(k, exchange, newer_than=None) for k in (KEY, KEY)))
+    assert len(probes) == 1  # one probe, shared by concurrent readers
+    assert cold.known and cold.offset == 30.0
+    assert {c.access_key_id for c, _ in got} == {"ASIA00000000000000X1"}
+    # Known now: no further probe.
+    await tier.obtain(OTHER_KEY, exchange, newer_than=None)
+    assert len(probes) == 1
 
 
-async def test_an_adopted_offset_decides_what_is_fresh_and_a_known_one_is_kept(
+async def test_without_a_way_to_learn_the_clock_the_local_one_stands_in(
     store: MemoryStore, clock: FakeClock
 ) -> None:
-    # 90 s left on the local clock, but the writer knew STS is 30 s ahead: 60 s left there,
-    # inside the mandatory window plus margin, so a reader that adopts it does not serve it.
     plant(store, KEY, credentials(T0 + 90.0, "SOON"), sts_offset=30.0)
-    plant(store, OTHER_KEY, credentials(T0 + 90.0, "SOON"), sts_offset=30.0)
     exchange = Exchange(clock)
     cold = StsClock(clock)
     got, _ = await make_tier(store, clock, sts_clock=cold).obtain(KEY, exchange, newer_than=None)
-    assert cold.offset == 30.0
-    assert exchange.calls == 1 and got.access_key_id == "ASIA00000000000000X1"
-    # A reader that knows STS is 5 s behind keeps its own view: 95 s left, served.
-    warm = known_clock(clock, -5.0)
-    got, _ = await make_tier(store, clock, sts_clock=warm).obtain(
-        OTHER_KEY, exchange, newer_than=None
-    )
-    assert warm.offset == -5.0 and warm.known
-    assert exchange.calls == 1 and got.access_key_id == credentials(0, "SOON").access_key_id
+    # The writer's offset is not taken: 90 s left on the local clock, served.
+    assert not cold.known and cold.offset == 0.0
+    assert exchange.calls == 0 and got.access_key_id == credentials(0, "SOON").access_key_id
 
 
 class _Behind:

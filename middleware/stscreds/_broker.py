@@ -19,6 +19,7 @@ from ._budget import StsBudget
 from ._cache import (
     DEFAULT_REFRESH_BACKOFF,
     MANDATORY_WINDOW,
+    CacheEntry,
     Failure,
     L1Cache,
     plan_entry,
@@ -27,7 +28,7 @@ from ._cache import (
 from ._clock import Clock, StsClock, SystemClock
 from ._credentials import Credentials
 from ._errors import CredentialsRejected, CredentialsUnavailable, STSUnavailable
-from ._exchange import ExchangeRequest, StsExchanger, classify_error
+from ._exchange import BudgetRefused, ExchangeRequest, StsExchanger, classify_error
 from ._roles import Role, identity_key
 from ._shared import SharedTier, StoreStats
 from ._signing import SigningKey, TokenMinter
@@ -43,6 +44,8 @@ logger = logging.getLogger("stscreds")
 CLOCK_SKEW_TTL = 30.0
 #: Above this many seconds of difference between the local clock and STS's, one WARNING.
 CLOCK_OFFSET_WARNING = 30.0
+# A change of the learned offset larger than this moves the cached entries with it.
+_OFFSET_STEP = 2.0
 _CLOSED = "credential broker is closed"
 
 
@@ -123,6 +126,8 @@ class CredentialBroker:
         #: STS's clock as learned from its answers; expiry is planned on it.
         self.sts_clock = StsClock(self._clock)
         self._offset_warned = False
+        # The offset the cached entries were planned with (see _check_offset).
+        self._planned_offset = 0.0
         self._minter = TokenMinter(
             issuer=issuer,
             audience=audience,
@@ -176,6 +181,7 @@ class CredentialBroker:
                 # (With a request_timeout shorter than that, half of it: the fleet still
                 # shares one exchange, and the caller's own bound holds regardless.)
                 lease_wait=max(self.request_timeout - exchange_deadline, self.request_timeout / 2),
+                learn_clock=self._exchanger.learn_clock,
             )
         )
 
@@ -330,12 +336,14 @@ class CredentialBroker:
             # await; wait_for: no caller waits past request_timeout, whatever holds it up.
             return await asyncio.wait_for(asyncio.shield(task), self.request_timeout)
         except CredentialsUnavailable:
-            if entry is not None and self._now() < entry.serve_until:
-                return entry.credentials
+            stable = self._still_servable(key, entry)
+            if stable is not None:
+                return stable
             raise
         except asyncio.TimeoutError:
-            if entry is not None and self._now() < entry.serve_until:
-                return entry.credentials
+            stable = self._still_servable(key, entry)
+            if stable is not None:
+                return stable
             logger.warning(
                 "stscreds: no credentials for %s within request_timeout (%gs)",
                 role.arn,
@@ -344,6 +352,17 @@ class CredentialBroker:
             raise STSUnavailable(
                 f"no credentials within {self.request_timeout:g}s", role_arn=role.arn
             ) from None
+
+    def _still_servable(self, key: str, entry: CacheEntry | None) -> Credentials | None:
+        # Static stability: the cached credentials while they last, unless they were
+        # invalidated (or replaced) while the caller waited.
+        if (
+            entry is not None
+            and self._entries.get(key) is entry
+            and self._now() < entry.serve_until
+        ):
+            return entry.credentials
+        return None
 
     def invalidate(self, role: Role, access_key_id: str | None = None) -> bool:
         """Drop the cached credentials for ``role`` (and remembered errors), so the next get
@@ -415,9 +434,8 @@ class CredentialBroker:
             # task being cancelled (aclose() cancels the tasks themselves, before the pool).
             if not self._exchanger.closed or _cancelling():
                 raise
-            closed = STSUnavailable(_CLOSED, role_arn=role.arn)
-            self._record_failure(key, role, closed)
-            raise closed from None
+            failure = STSUnavailable(_CLOSED, role_arn=role.arn)
+            self._record_failure(key, role, failure)
         except Exception as exc:
             # A bug, or the pool shut down under us: the same error (and retry backoff) as
             # any failed exchange, never a raw exception for the middleware to turn into a 500.
@@ -429,12 +447,18 @@ class CredentialBroker:
                     "stscreds: unexpected %s in the exchange for %s", type(exc).__name__, role.arn
                 )
             self._record_failure(key, role, converted)
-            raise converted from None
+            failure = converted
         if failure is not None:
             # A copy raised out here, not the original: its traceback (and the chained
             # context) would reach the app with the exchange's frames, whose locals hold the
             # web identity token.
             raise failure
+        if credentials.access_key_id == self._rejected.get(key):
+            # Read from the store before an invalidate() of these very credentials landed.
+            raise STSUnavailable(
+                "credentials were invalidated while being fetched", role_arn=role.arn
+            )
+        self._check_offset()
         now = self._now()
         # Planned on STS's clock: what is left of the credentials there, from here on.
         remaining = self.sts_clock.left(credentials.expiration.timestamp())
@@ -473,6 +497,13 @@ class CredentialBroker:
 
     def _check_offset(self) -> None:
         offset = self.sts_clock.offset
+        step = offset - self._planned_offset
+        if abs(step) > _OFFSET_STEP:
+            # The local clock was stepped (or STS's clock is known at last): the cached
+            # entries' local times move with it, so expiry stays where STS has it.
+            for entry in list(self._entries.values()):
+                entry.shift(-step)
+        self._planned_offset = offset
         if abs(offset) <= CLOCK_OFFSET_WARNING:
             self._offset_warned = False
         elif not self._offset_warned:
@@ -507,9 +538,14 @@ class CredentialBroker:
         entry = self._cache.get(key)
         if entry is not None and now < entry.serve_until:
             # Static stability: keep serving the cached credentials; no STS call for this
-            # identity until the backoff ends (waiting callers go once they run out).
+            # identity until the backoff ends (waiting callers go once they run out). A call
+            # the budget held back never reached STS: retry when the budget allows.
             entry.failures += 1
-            entry.retry_at = max(until, refresh_backoff(now, self._refresh_backoff))
+            entry.retry_at = (
+                until
+                if isinstance(error, BudgetRefused)
+                else max(until, refresh_backoff(now, self._refresh_backoff))
+            )
             logger.warning(
                 "stscreds: refresh failed for %s: %s; serving the cached credentials for up "
                 "to %.0fs more, next try in %.0fs",

@@ -83,7 +83,7 @@ class StsBudget:
             now = self._clock()
             self._refill(now)
             # A background refresh leaves at least half the bucket for requests.
-            need = 1.0 + self.burst / 2 if background else 1.0
+            need = min(1.0 + self.burst / 2, self.burst) if background else 1.0
             if self._tokens >= need:
                 self._tokens -= 1.0
                 return 0.0

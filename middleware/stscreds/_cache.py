@@ -80,6 +80,14 @@ class CacheEntry:
         self.retry_at = refresh_at
         self.failures = 0
 
+    def shift(self, seconds: float) -> None:
+        """Move every time by ``seconds`` (the local clock was stepped by minus that)."""
+        self.expires_at += seconds
+        self.refresh_at += seconds
+        self.mandatory_at += seconds
+        self.serve_until += seconds
+        self.retry_at += seconds
+
     def __repr__(self) -> str:
         return f"CacheEntry({self.credentials!r}, refresh_at={self.refresh_at:.0f})"
 

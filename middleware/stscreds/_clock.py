@@ -27,6 +27,10 @@ class SystemClock:
     time = staticmethod(time.time)
 
 
+# A sample this far (beyond both uncertainties) from the offset is a clock step.
+_STEP = 2.0
+
+
 class StsClock:
     """STS's clock as seen from here: the local clock plus an offset learned from the HTTP
     ``Date`` headers of STS's answers.
@@ -70,6 +74,11 @@ class StsClock:
         sample = sts_date + 0.5 - (sent_at + received_at) / 2
         spread = 0.5 + max(0.0, received_at - sent_at) / 2
         with self._lock:
+            if self.known and abs(sample - self.offset) > spread + self.margin + _STEP:
+                # Not an outlier but a step (NTP set the local clock): a quick answer that
+                # disagrees by more than both uncertainties. Start over from it rather than
+                # wait for the median to follow.
+                self._samples.clear()
             self._samples.append((sample, spread))
             if len(self._samples) > self.SAMPLES:
                 del self._samples[0]
@@ -83,14 +92,6 @@ class StsClock:
                 self.margin = max(low_spread, high_spread) + (high - low) / 2
             self.known = True
             return self.offset
-
-    def adopt(self, offset: float) -> None:
-        """Take ``offset`` (another worker's estimate) until a sample of our own arrives."""
-        with self._lock:
-            if not self.known:
-                self.offset = offset
-                # Someone else's estimate, from another host's clock: judged a second early.
-                self.margin = max(self.margin, 1.0)
 
     def after_fork(self) -> None:
         """In a forked child: a new lock (a parent's thread may have held the old one); the

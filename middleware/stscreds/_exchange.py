@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
 import random
@@ -303,7 +304,7 @@ class StsExchanger:
             except _Refused as refused:
                 if last is not None:
                     raise last._copy(retry_after=refused.wait) from None
-                raise STSUnavailable(
+                raise BudgetRefused(
                     f"STS is throttling: holding calls back for {refused.wait:.1f}s",
                     code="Throttling",
                     role_arn=request.role_arn,
@@ -340,6 +341,34 @@ class StsExchanger:
             config=self._config,
         )
 
+    async def learn_clock(self) -> bool:
+        """Learn STS's clock from one cheap unsigned call (``GetCallerIdentity``, which STS
+        refuses without a signature, with its Date header); True if it is known now."""
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(Exception):  # no clock learned: the local clock stands in
+            await asyncio.wait_for(loop.run_in_executor(self._pool, self._probe), self.deadline)
+        return self.sts_clock.known
+
+    def _probe(self) -> None:
+        client = self._get_client()
+        local = self.sts_clock.local
+        sent_at = local.time()
+        try:
+            response: dict[str, Any] = client.get_caller_identity()
+        except ClientError as error:
+            self._observe(error.response, sent_at, local.time())
+            return
+        self._observe(response, sent_at, local.time())
+
+    def _get_client(self) -> BaseClient:
+        client = self._client
+        if client is None:
+            with self._client_lock:
+                client = self._client
+                if client is None:
+                    client = self._client = self._new_client()
+        return client
+
     def _call(self, params: dict[str, Any], background: bool = False) -> dict[str, Any]:
         if self.budget is not None:
             # Taken here, on the thread, as the call goes out: a burst queued on the pool
@@ -347,12 +376,7 @@ class StsExchanger:
             wait = self.budget.acquire(background=background)
             if wait > 0:
                 raise _Refused(wait)
-        client = self._client
-        if client is None:
-            with self._client_lock:
-                client = self._client
-                if client is None:
-                    client = self._client = self._new_client()
+        client = self._get_client()
         local = self.sts_clock.local
         sent_at = local.time()
         try:
@@ -396,6 +420,10 @@ class StsExchanger:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._client is not None:
             self._client.close()
+
+
+class BudgetRefused(STSUnavailable):
+    """The STS budget held the call back (STS throttled lately); it never reached STS."""
 
 
 class _Refused(Exception):

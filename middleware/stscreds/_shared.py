@@ -90,6 +90,7 @@ class SharedTier:
         breaker_cooldown: float = 5.0,
         lease_wait: float = 10.0,
         wait_slice: float = 0.5,
+        learn_clock: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         if not isinstance(store, CredentialStore):
             raise TypeError("store: must implement stscreds.stores.CredentialStore")
@@ -105,6 +106,11 @@ class SharedTier:
         #: Longest a cold miss waits for another worker's exchange before calling STS itself:
         #: what a squatted lease can cost a request.
         self.lease_wait = max(0.0, float(lease_wait))
+        # Asks STS for its clock (one cheap call) before a worker that has not heard STS yet
+        # judges a value's expiry: an offset measured on another host means nothing here.
+        self._learn_clock = learn_clock
+        self._clock_probe: asyncio.Future[object] | None = None
+        self._next_probe = 0.0
         self.op_timeout = float(op_timeout)
         self.lease_ttl = float(lease_ttl)
         self.breaker_cooldown = float(breaker_cooldown)
@@ -246,14 +252,13 @@ class SharedTier:
             if data["k"] != key or data["h"] != holder:
                 return
             offset = data.get("o")
-            if offset is None:
-                # The holder had not heard STS: both judge on local clocks (a fleet's hosts
-                # keep theirs close).
-                now = self._sts_clock.local.time()
+            if offset is not None and self._sts_clock.known:
+                age = self._sts_clock.now() - float(data["w"])
             else:
-                self._sts_clock.adopt(float(offset))
-                now = self._sts_clock.now()
-            age = now - float(data["w"])
+                # One side has not heard STS: both judge on their local clocks (a fleet's
+                # hosts keep theirs close), the writer's being its STS time less its offset.
+                written = float(data["w"]) - (0.0 if offset is None else float(offset))
+                age = self._sts_clock.local.time() - written
             if not -_MARKER_SKEW <= age <= float(data["ttl"]) + _MARKER_SKEW:
                 return
             kind = CredentialsRejected if data["r"] else STSUnavailable
@@ -287,13 +292,11 @@ class SharedTier:
         if found is None:
             self.stats.rejected += 1
             return None
-        credentials, lifetime, writer_offset = found
+        credentials, lifetime = found
         if rejected is not None and credentials.access_key_id == rejected:
             return None
-        if writer_offset is not None:
-            # Until this worker has heard STS itself, the writer's view of its clock is a
-            # better guess than none (hosts of a fleet keep their clocks close).
-            self._sts_clock.adopt(writer_offset)
+        if not self._sts_clock.known:
+            await self._probe_clock()
         expires_at = credentials.expiration.timestamp()
         # The embedded absolute expiry decides, on STS's clock, not the store's TTL. The
         # margin shrinks for short grants, or a 65 s grant would never be shared.
@@ -304,6 +307,21 @@ class SharedTier:
             return None
         self.stats.hits += 1
         return credentials, lifetime
+
+    async def _probe_clock(self) -> None:
+        """Learn STS's clock once (shared by concurrent readers; retried a minute later if
+        STS did not tell); until then the local clock stands in for it."""
+        if self._learn_clock is None:
+            return
+        loop = asyncio.get_running_loop()
+        probe = self._clock_probe
+        if probe is None or probe.done():
+            if loop.time() < self._next_probe:
+                return
+            self._next_probe = loop.time() + 60.0
+            probe = self._clock_probe = asyncio.ensure_future(self._learn_clock())
+        with contextlib.suppress(Exception):
+            await asyncio.shield(probe)
 
     async def _write(
         self,
@@ -327,9 +345,7 @@ class SharedTier:
             await self._call(self.store.notify, name, force=force)
         return True
 
-    def _decode(
-        self, key: str, name: str, value: Any
-    ) -> tuple[Credentials, float, float | None] | None:
+    def _decode(self, key: str, name: str, value: Any) -> tuple[Credentials, float] | None:
         if not isinstance(value, bytes):
             return None
         plaintext = self.store.cipher.open(name, value)
@@ -346,8 +362,6 @@ class SharedTier:
                 expiration=datetime.fromtimestamp(float(data["e"]), timezone.utc),
             )
             lifetime = float(data["l"])
-            offset = data.get("o")
-            writer_offset = None if offset is None else float(offset)
         except (ValueError, KeyError, TypeError, OverflowError):
             return None
         if not all(
@@ -359,7 +373,7 @@ class SharedTier:
             )
         ):
             return None
-        return credentials, lifetime, writer_offset
+        return credentials, lifetime
 
     async def _call(
         self,
