@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from servers.clock import FakeClock
+from servers.clock import FakeClock, Skewed
 from servers.sts import StrictSTS
 from stscreds import (
     CredentialBroker,
@@ -36,17 +36,6 @@ ROLE = "arn:aws:iam::123456789012:role/app/reader"
 ISSUER = "http://127.0.0.1:1/refresh-issuer"
 KEY = SigningKey.generate("ES256")
 T0 = 1_800_000_000.0
-
-
-class Skewed:
-    """STS's clock: the local FakeClock plus ``offset`` seconds."""
-
-    def __init__(self, local: FakeClock, offset: float = 0.0) -> None:
-        self.local = local
-        self.offset = offset
-
-    def __call__(self) -> float:
-        return self.local.time() + self.offset
 
 
 @pytest.fixture

@@ -66,7 +66,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from servers.clock import FakeClock
+from servers.clock import FakeClock, Skewed
 from servers.loop_lag import LoopLagProbe
 from servers.redis import RedisServer
 from servers.sts import StrictSTS, build_success_xml
@@ -112,17 +112,6 @@ def resolve_role(scope: Any) -> Role | None:
         if name == b"x-tenant":
             return role_for(value.decode("latin-1"))
     return None
-
-
-class Skewed:
-    """STS's clock: the local FakeClock plus ``offset`` seconds."""
-
-    def __init__(self, local: FakeClock, offset: float = 0.0) -> None:
-        self.local = local
-        self.offset = offset
-
-    def __call__(self) -> float:
-        return self.local.time() + self.offset
 
 
 async def settle(broker: CredentialBroker) -> None:

@@ -846,12 +846,10 @@ def marker_name(store: Any, key: str) -> str:
     return str(store.cipher.store_key(f"f|{key}"))
 
 
-def plant(
-    store: MemoryStore, key: str, creds: Credentials, *, sts_offset: float | None = None
-) -> None:
+def plant(store: MemoryStore, key: str, creds: Credentials) -> None:
     """Put a value the way a worker would: sealed under identity ``key``'s store name."""
     name = value_name(store, key)
-    value = store.cipher.seal(name, _encode(key, creds, 3600.0, sts_offset))
+    value = store.cipher.seal(name, _encode(key, creds, 3600.0))
     store._values[name] = (value, float("inf"))
 
 
@@ -1024,7 +1022,7 @@ async def test_values_that_do_not_open_for_this_key_are_rejected(
     here, there = value_name(store, KEY), value_name(store, OTHER_KEY)
 
     def encoded(key: str) -> bytes:
-        return _encode(key, planted, 1.0, None)
+        return _encode(key, planted, 1.0)
 
     cases: dict[str, Any] = {
         # Sealed for another key and copied here: the associated data does not match.
@@ -1544,20 +1542,13 @@ def known_clock(local: FakeClock, offset: float) -> StsClock:
     return sts_clock
 
 
-def stored_offset(store: MemoryStore, key: str) -> Any:
-    name = value_name(store, key)
-    plaintext = store.cipher.open(name, store._values[name][0])
-    assert plaintext is not None
-    return json.loads(plaintext)["o"]
-
-
 async def test_a_reader_not_knowing_stss_clock_asks_sts_before_judging_a_value(
     store: MemoryStore, clock: FakeClock
 ) -> None:
     # Review finding: readers used to adopt the writer's offset, measured against another
     # host's clock. Now a reader that has not heard STS asks it (one cheap call) first.
-    plant(store, KEY, credentials(T0 + 90.0, "SOON"), sts_offset=None)
-    plant(store, OTHER_KEY, credentials(T0 + 90.0, "SOON"), sts_offset=None)
+    plant(store, KEY, credentials(T0 + 90.0, "SOON"))
+    plant(store, OTHER_KEY, credentials(T0 + 90.0, "SOON"))
     exchange = Exchange(clock)
     probes: list[StsClock] = []
     cold = StsClock(clock)
@@ -1582,7 +1573,7 @@ async def test_a_reader_not_knowing_stss_clock_asks_sts_before_judging_a_value(
 async def test_without_a_way_to_learn_the_clock_the_local_one_stands_in(
     store: MemoryStore, clock: FakeClock
 ) -> None:
-    plant(store, KEY, credentials(T0 + 90.0, "SOON"), sts_offset=30.0)
+    plant(store, KEY, credentials(T0 + 90.0, "SOON"))
     exchange = Exchange(clock)
     cold = StsClock(clock)
     got, _ = await make_tier(store, clock, sts_clock=cold).obtain(KEY, exchange, newer_than=None)

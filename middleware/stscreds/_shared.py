@@ -337,8 +337,7 @@ class SharedTier:
         ttl = self._sts_clock.left(credentials.expiration.timestamp()) - MANDATORY_WINDOW
         if ttl <= 0:
             return False
-        offset = self._sts_clock.offset if self._sts_clock.known else None
-        value = self.store.cipher.seal(name, _encode(key, credentials, lifetime, offset))
+        value = self.store.cipher.seal(name, _encode(key, credentials, lifetime))
         if isinstance(await self._call(self.store.put, name, value, ttl, force=force), _Failed):
             return False
         if announce:
@@ -467,7 +466,7 @@ async def _stop(task: asyncio.Task[Any]) -> None:
         await task
 
 
-def _encode(key: str, credentials: Credentials, lifetime: float, sts_offset: float | None) -> bytes:
+def _encode(key: str, credentials: Credentials, lifetime: float) -> bytes:
     return json.dumps(
         {
             "k": key,
@@ -476,7 +475,6 @@ def _encode(key: str, credentials: Credentials, lifetime: float, sts_offset: flo
             "t": credentials.session_token,
             "e": credentials.expiration.timestamp(),
             "l": lifetime,
-            "o": sts_offset,
         },
         separators=(",", ":"),
     ).encode()

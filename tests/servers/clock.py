@@ -17,3 +17,14 @@ class FakeClock:
 
     def set(self, now: float) -> None:
         self.now = now
+
+
+class Skewed:
+    """STS's clock for a StrictSTS: a local FakeClock plus ``offset`` seconds."""
+
+    def __init__(self, local: FakeClock, offset: float = 0.0) -> None:
+        self.local = local
+        self.offset = offset
+
+    def __call__(self) -> float:
+        return self.local.time() + self.offset
