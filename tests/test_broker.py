@@ -371,7 +371,7 @@ async def test_refresh_windows_for_a_one_hour_session(
     assert expires - 1 <= entry.expires_at <= expires
     # Lifetime < 90 min: a 15 min advisory window, jittered within its first quarter.
     assert advisory_window(3600) == 900
-    assert expires - 900 <= entry.refresh_at <= expires - 900 * 0.75
+    assert entry.expires_at - 900 <= entry.refresh_at <= entry.expires_at - 900 * 0.75
     assert entry.mandatory_at == entry.expires_at - MANDATORY_WINDOW
 
     # Before the window: hits, no call, nothing started.
