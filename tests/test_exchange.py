@@ -118,7 +118,8 @@ def test_unknown_4xx_is_rejected(code: str) -> None:
 )
 def test_transport_errors_are_unavailable(exc: BaseException) -> None:
     error = classify_error(exc, ROLE)
-    assert type(error) is STSUnavailable
+    assert isinstance(error, STSUnavailable) and error.reason == "Unreachable"
+    assert repr(error).startswith("STSUnavailable(")
     assert error.code is None
     assert type(exc).__name__ in str(error)
 

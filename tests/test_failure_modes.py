@@ -869,9 +869,11 @@ async def test_sts_refusing_connections(h: Harness) -> None:
     message = one(h.logged())
     assert h.logged()[0].levelno == logging.WARNING
     assert arn("refused") in message and "STS unreachable: EndpointConnectionError" in message
-    retries = [r.getMessage() for r in h.logged(logging.INFO) if r.levelno == logging.INFO]
-    assert len(retries) == MAX_ATTEMPTS - 1
-    assert all("EndpointConnectionError" in m and arn("refused") in m for m in retries)
+    # One INFO event for the whole exchange, every attempt counted (retries log at DEBUG).
+    (event,) = [r for r in h.logged(logging.INFO) if r.levelno == logging.INFO]
+    assert "EndpointConnectionError" in event.getMessage() and arn("refused") in event.getMessage()
+    assert event.attempts == MAX_ATTEMPTS  # type: ignore[attr-defined]
+    assert event.error_code == "Unreachable"  # type: ignore[attr-defined]
     # Recovery: the endpoint accepts connections again (relayed to the STS).
     port.forward_to(h.sts.url)
     h.clock.advance(2.1)
@@ -1247,7 +1249,7 @@ async def test_store_down(h: Harness) -> None:
     assert shared is not None
     await eventually(lambda: loop.time() >= shared._open_until)
     h.assert_served(await h.get(client, "after"), "after")
-    assert store_lines(h)[1:] == ["stscreds: shared store is back"]
+    assert store_lines(h)[1:] == ["shared store is back"]
     assert await h.redis.exists(h.value_key(store, broker, "after"))
     assert h.sts.calls == 2 + len(tenants)
 
@@ -1279,7 +1281,7 @@ async def test_store_slow(h: Harness) -> None:
     assert shared is not None
     await eventually(lambda: loop.time() >= shared._open_until)
     h.assert_served(await h.get(client, "fast"), "fast")
-    assert store_lines(h)[1:] == ["stscreds: shared store is back"]
+    assert store_lines(h)[1:] == ["shared store is back"]
     assert await h.redis.exists(h.value_key(slow.inner, broker, "fast"))
 
 
@@ -1380,7 +1382,8 @@ async def test_store_lease_squatted(h: Harness) -> None:
     assert shared.lease_wait - 0.05 <= elapsed <= broker.request_timeout, elapsed
     assert await h.redis.get(lease) == b"squatter"  # not taken from its holder
     message = one(h.logged())
-    assert message == "stscreds: gave up waiting for another worker's exchange"
+    assert message.startswith("gave up waiting")
+    assert message.endswith("for another worker's exchange; calling STS")
     # The credentials were shared all the same: a cold worker takes them at once.
     other = h.broker(store=h.redis_store(), request_timeout=1.5, exchange_deadline=1.0)
     started = loop.time()
@@ -1418,7 +1421,8 @@ async def test_store_failure_marker_replayed(h: Harness) -> None:
     messages = [r.getMessage() for r in h.logged()]
     assert len(messages) == 2
     assert arn("marked") in messages[0] and "STS AccessDenied" in messages[0]
-    assert messages[1] == "stscreds: gave up waiting for another worker's exchange"
+    assert messages[1].startswith("gave up waiting")
+    assert messages[1].endswith("for another worker's exchange; calling STS")
 
 
 # -- callers -------------------------------------------------------------------------------------

@@ -1122,7 +1122,7 @@ async def test_an_outage_is_logged_once_and_the_recovery_once(
 
     store.down = False
     await obtain_all([f"{n:064x}" for n in range(20, 30)])
-    assert store_logs(caplog)[1:] == ["stscreds: shared store is back"]
+    assert store_logs(caplog)[1:] == ["shared store is back"]
     assert tier.stats.outages == 1
 
     store.down = True  # a second outage is a second warning

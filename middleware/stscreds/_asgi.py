@@ -86,7 +86,7 @@ class ResolverCheck:
         error = resolver_type_error(self.resolver, value)
         if not self.logged:
             self.logged = True
-            logger.error("stscreds: %s (answering 500)", error)
+            logger.error("%s (answering 500)", error)
         return error
 
 
@@ -103,14 +103,14 @@ async def run_warm_up(broker: CredentialBroker, roles: Sequence[Role]) -> int:
             fetched += 1
         elif isinstance(result, CredentialsUnavailable):
             logger.warning(
-                "stscreds: warm-up got no credentials for %s (%s); requests will try again",
+                "warm-up got no credentials for %s (%s); requests will try again",
                 role.arn,
                 result.code or type(result).__name__,
             )
         else:
             # Only the type: an unexpected error's message is not known to be free of secrets.
-            logger.warning("stscreds: warm-up failed for %s: %s", role.arn, type(result).__name__)
-    logger.info("stscreds: warm-up fetched credentials for %d of %d roles", fetched, len(roles))
+            logger.warning("warm-up failed for %s: %s", role.arn, type(result).__name__)
+    logger.info("warm-up fetched credentials for %d of %d roles", fetched, len(roles))
     return fetched
 
 

@@ -7,9 +7,10 @@ import logging
 import math
 import os
 import random
+import time
 import weakref
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -27,11 +28,26 @@ from ._cache import (
 )
 from ._clock import Clock, StsClock, SystemClock
 from ._credentials import Credentials
-from ._errors import CredentialsRejected, CredentialsUnavailable, STSUnavailable
+from ._errors import (
+    CredentialsRejected,
+    CredentialsUnavailable,
+    STSUnavailable,
+    _Closed,
+    _Timeout,
+)
 from ._exchange import BudgetRefused, ExchangeRequest, StsExchanger, classify_error
+from ._metrics import (
+    METRICS,
+    ExchangeOutcome,
+    Histogram,
+    RoleCounts,
+    error_label,
+    outcome_label,
+)
 from ._roles import Role, identity_key
 from ._shared import SharedTier, StoreStats
 from ._signing import SigningKey, TokenMinter
+from ._telemetry import Tracing
 from .stores import CredentialStore
 
 __all__ = ["BrokerStats", "CredentialBroker"]
@@ -47,10 +63,35 @@ CLOCK_OFFSET_WARNING = 30.0
 # A change of the learned offset larger than this moves the cached entries with it.
 _OFFSET_STEP = 2.0
 _CLOSED = "credential broker is closed"
+_EXCHANGE_SPAN = "STS/AssumeRoleWithWebIdentity"
+# The shared tier's metrics (empty without a store).
+_STORE_METRICS = tuple(
+    spec.name for spec in METRICS if spec.name.startswith("store_") and spec.labels
+)
+
+
+#: Failures that say this process cannot get credentials for any role (its issuer, clock or
+#: network), as opposed to one role's trust policy: only these make health() unavailable.
+PROCESS_WIDE_FAILURES = frozenset(
+    {
+        "InvalidIdentityToken",
+        "IDPCommunicationError",
+        "ShortGrant",
+        "Timeout",
+        "Unreachable",
+        "BadResponse",
+    }
+)
+#: health() is "unavailable" after this many process-wide failures in HEALTH_WINDOW seconds
+#: with no successful exchange since.
+HEALTH_FAILURES = 3
+HEALTH_WINDOW = 60.0
 
 
 class _ShortGrant(STSUnavailable):
     """STS answered with credentials that had (nearly) expired on arrival."""
+
+    reason = "ShortGrant"
 
 
 def _ttl_range(name: str, value: tuple[float, float]) -> tuple[float, float]:
@@ -60,16 +101,43 @@ def _ttl_range(name: str, value: tuple[float, float]) -> tuple[float, float]:
     return low, high
 
 
-@dataclass(slots=True)
 class BrokerStats:
-    """Counters since the broker was made: cache hits, exchanges and their outcomes."""
+    """The broker's raw counters since it was made; ``broker.metrics()`` is the documented
+    view of them (and of everything else worth watching)."""
 
-    hits: int = 0
-    misses: int = 0
-    exchanges: int = 0
-    exchange_failures: int = 0
-    background_refreshes: int = 0
-    negative_hits: int = 0
+    __slots__ = (
+        "background_refreshes",
+        "exchange_counts",
+        "exchange_duration",
+        "exchange_failures",
+        "exchanges",
+        "hits",
+        "joins",
+        "misses",
+        "negative_hits",
+        "request_wait",
+        "roles",
+    )
+
+    def __init__(self) -> None:
+        self.hits = 0  # requests served from the L1 cache
+        self.misses = 0  # requests that went to fetch()
+        self.joins = 0  # misses that joined an exchange in flight
+        self.exchanges = 0  # STS exchanges started
+        self.exchange_failures = 0  # failed refreshes (STS, store marker or closed)
+        self.background_refreshes = 0
+        self.negative_hits = 0
+        #: (trigger, outcome, code) -> finished STS exchanges.
+        self.exchange_counts: dict[tuple[str, str, str], int] = {}
+        self.exchange_duration = Histogram()
+        self.request_wait = Histogram()
+        self.roles = RoleCounts()
+
+    def __repr__(self) -> str:
+        return (
+            f"BrokerStats(hits={self.hits}, misses={self.misses}, exchanges={self.exchanges}, "
+            f"exchange_failures={self.exchange_failures})"
+        )
 
 
 class CredentialBroker:
@@ -164,6 +232,14 @@ class CredentialBroker:
         # from the store, where it may still sit.
         self._rejected: LRUCache[str, str] = LRUCache(maxsize=cache_size)
         self.stats = BrokerStats()
+        #: Where miss-path spans go (stscreds.otel.instrument can name a provider).
+        self._tracing = Tracing()
+        # Identity key -> callers waiting on its exchange (the log's "waiters").
+        self._waiting: dict[str, int] = {}
+        self._last_success: float | None = None
+        # (time, code label) of recent process-wide failures, for health().
+        self._recent_failures: deque[tuple[float, str]] = deque(maxlen=HEALTH_FAILURES)
+        self._last_failure: dict[str, Any] | None = None
         # gunicorn --preload and multiprocessing fork a process that already made a broker.
         os.register_at_fork(after_in_child=partial(_reset_in_child, weakref.ref(self)))
         # The lease must outlive one whole exchange, or a slow holder loses it mid-call.
@@ -182,6 +258,7 @@ class CredentialBroker:
                 # shares one exchange, and the caller's own bound holds regardless.)
                 lease_wait=max(self.request_timeout - exchange_deadline, self.request_timeout / 2),
                 learn_clock=self._exchanger.learn_clock,
+                tracing=self._tracing,
             )
         )
 
@@ -306,7 +383,7 @@ class CredentialBroker:
     async def fetch(self, role: Role) -> Credentials:
         """Wait for the (single, shared) exchange for ``role``; used when the cache missed."""
         if self._closed:
-            raise STSUnavailable(_CLOSED, role_arn=role.arn)
+            raise _Closed(_CLOSED, role_arn=role.arn)
         key = self.identity_key(role)
         self.stats.misses += 1
         now = self._now()
@@ -331,6 +408,11 @@ class CredentialBroker:
         task = self._inflight.get(key)
         if task is None or task.get_loop() is not asyncio.get_running_loop():
             task = self._start(key, role, background=False)
+        else:
+            self.stats.joins += 1
+        waiting = self._waiting
+        waiting[key] = waiting.get(key, 0) + 1
+        started = time.perf_counter()
         try:
             # shield: a cancelled caller (client gone) must not cancel the exchange others
             # await; wait_for: no caller waits past request_timeout, whatever holds it up.
@@ -345,13 +427,21 @@ class CredentialBroker:
             if stable is not None:
                 return stable
             logger.warning(
-                "stscreds: no credentials for %s within request_timeout (%gs)",
+                "no credentials for %s within request_timeout (%gs)",
                 role.arn,
                 self.request_timeout,
+                extra={"role_arn": role.arn},
             )
-            raise STSUnavailable(
+            raise _Timeout(
                 f"no credentials within {self.request_timeout:g}s", role_arn=role.arn
             ) from None
+        finally:
+            self.stats.request_wait.observe(time.perf_counter() - started)
+            left = waiting.get(key, 1) - 1
+            if left > 0:
+                waiting[key] = left
+            else:
+                waiting.pop(key, None)
 
     def _still_servable(self, key: str, entry: CacheEntry | None) -> Credentials | None:
         # Static stability: the cached credentials while they last, unless they were
@@ -390,6 +480,7 @@ class CredentialBroker:
         # The parent's in-flight tasks belong to a loop that never runs in this process;
         # cached credentials stay, they are valid in any process.
         self._inflight.clear()
+        self._waiting.clear()
         self._exchanger.reset_after_fork()
         self.sts_clock.after_fork()
         if self._exchanger.budget is not None:
@@ -415,8 +506,8 @@ class CredentialBroker:
         failure: CredentialsUnavailable | None = None
         try:
             if self._closed:
-                raise STSUnavailable(_CLOSED, role_arn=role.arn)
-            exchange = partial(self._exchange, role, background)
+                raise _Closed(_CLOSED, role_arn=role.arn)
+            exchange = partial(self._exchange, key, role, background)
             if self._shared is None:
                 credentials, lifetime = await exchange()
             else:
@@ -434,17 +525,20 @@ class CredentialBroker:
             # task being cancelled (aclose() cancels the tasks themselves, before the pool).
             if not self._exchanger.closed or _cancelling():
                 raise
-            failure = STSUnavailable(_CLOSED, role_arn=role.arn)
+            failure = _Closed(_CLOSED, role_arn=role.arn)
             self._record_failure(key, role, failure)
         except Exception as exc:
             # A bug, or the pool shut down under us: the same error (and retry backoff) as
             # any failed exchange, never a raw exception for the middleware to turn into a 500.
             if self._closed:
-                converted: CredentialsUnavailable = STSUnavailable(_CLOSED, role_arn=role.arn)
+                converted: CredentialsUnavailable = _Closed(_CLOSED, role_arn=role.arn)
             else:
                 converted = classify_error(exc, role.arn)
                 logger.error(
-                    "stscreds: unexpected %s in the exchange for %s", type(exc).__name__, role.arn
+                    "unexpected %s in the exchange for %s",
+                    type(exc).__name__,
+                    role.arn,
+                    extra={"role_arn": role.arn},
                 )
             self._record_failure(key, role, converted)
             failure = converted
@@ -468,7 +562,7 @@ class CredentialBroker:
         self._failures.pop(key, None)
         return credentials
 
-    async def _exchange(self, role: Role, background: bool) -> tuple[Credentials, float]:
+    async def _exchange(self, key: str, role: Role, background: bool) -> tuple[Credentials, float]:
         """One exchange at STS: the credentials and their granted lifetime (seconds left at
         receipt, on STS's clock)."""
         subject, session_name = role.effective_names(self.default_subject)
@@ -479,21 +573,111 @@ class CredentialBroker:
             policy=role.policy,
         )
         self.stats.exchanges += 1
-        credentials = await self._exchanger.exchange(
-            request, partial(self._minter.mint, subject, role.claims), background=background
-        )
-        self._check_offset()
-        remaining = credentials.expiration.timestamp() - self.sts_clock.now()
-        if remaining <= MANDATORY_WINDOW:
-            # Already (nearly) expired on arrival: a failed refresh, not credentials to plan.
-            raise _ShortGrant(
-                f"STS answered with credentials that had {remaining:.0f}s left (60 s or "
-                "less): check the clocks and the role's maximum session duration",
-                role_arn=role.arn,
-            )
+        trigger = "background" if background else "request"
+        outcome = ExchangeOutcome()
+        error: BaseException | None = None
+        started = time.perf_counter()
+        with self._tracing.span(
+            _EXCHANGE_SPAN,
+            {
+                "rpc.system": "aws-api",
+                "rpc.service": "STS",
+                "rpc.method": "AssumeRoleWithWebIdentity",
+                "cloud.region": self._exchanger.region,
+                "server.address": self._exchanger.host,
+                "aws.sts.role_arn": role.arn,
+                "stscreds.identity": key[:12],
+                "stscreds.trigger": trigger,
+            },
+        ) as span:
+            try:
+                credentials = await self._exchanger.exchange(
+                    request,
+                    partial(self._minter.mint, subject, role.claims),
+                    background=background,
+                    outcome=outcome,
+                )
+                self._check_offset()
+                remaining = credentials.expiration.timestamp() - self.sts_clock.now()
+                if remaining <= MANDATORY_WINDOW:
+                    # Already (nearly) expired on arrival: a failed refresh, not credentials
+                    # to plan.
+                    raise _ShortGrant(
+                        f"STS answered with credentials that had {remaining:.0f}s left (60 s "
+                        "or less): check the clocks and the role's maximum session duration",
+                        role_arn=role.arn,
+                    )
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                label = self._exchange_done(
+                    key, role, trigger, error, time.perf_counter() - started, outcome.attempts
+                )
+                span.set_attribute("stscreds.attempts", outcome.attempts)
+                if error is not None:
+                    span.fail(label, _describe(error))
         # STS's Expiration has one-second resolution: the granted lifetime (which sizes the
         # advisory window) is what is left, rounded up.
         return credentials, float(math.ceil(remaining))
+
+    def _exchange_done(
+        self,
+        key: str,
+        role: Role,
+        trigger: str,
+        error: BaseException | None,
+        duration: float,
+        attempts: int,
+    ) -> str:
+        """Count, remember and log one finished exchange; returns its code label."""
+        if error is None or isinstance(error, CredentialsUnavailable):
+            outcome, code = outcome_label(error), error_label(error)
+        elif isinstance(error, asyncio.CancelledError):
+            outcome, code = "unavailable", "Cancelled"
+        else:
+            outcome, code = "unavailable", "Error"
+        stats = self.stats
+        counts = stats.exchange_counts
+        counts[trigger, outcome, code] = counts.get((trigger, outcome, code), 0) + 1
+        stats.roles.add(role.arn, outcome, code)
+        stats.exchange_duration.observe(duration)
+        wall = time.time()
+        if error is None:
+            self._last_success = wall
+            self._recent_failures.clear()
+        else:
+            self._last_failure = {
+                "at": wall,
+                "role_arn": role.arn,
+                "outcome": outcome,
+                "code": code,
+                "message": _describe(error),
+            }
+            if code in PROCESS_WIDE_FAILURES:
+                self._recent_failures.append((wall, code))
+        logger.info(
+            "exchange for %s: %s%s in %.0f ms (%d attempt%s, %d waiting)",
+            role.arn,
+            outcome,
+            "" if error is None else f" ({_describe(error)})",
+            duration * 1000,
+            attempts,
+            "" if attempts == 1 else "s",
+            self._waiting.get(key, 0),
+            extra={
+                "identity": key[:12],
+                "role_arn": role.arn,
+                "trigger": trigger,
+                "outcome": outcome,
+                "error_code": code or None,
+                "sts_message": None if error is None else _describe(error),
+                "duration_ms": round(duration * 1000, 1),
+                "attempts": attempts,
+                "waiters": self._waiting.get(key, 0),
+            },
+        )
+        return code
 
     def _check_offset(self) -> None:
         offset = self.sts_clock.offset
@@ -509,7 +693,7 @@ class CredentialBroker:
         elif not self._offset_warned:
             self._offset_warned = True
             logger.warning(
-                "stscreds: the local clock is %.0fs %s STS's; credentials are planned on STS's "
+                "the local clock is %.0fs %s STS's; credentials are planned on STS's "
                 "clock, but check NTP on this host",
                 abs(offset),
                 "behind" if offset > 0 else "ahead of",
@@ -547,12 +731,13 @@ class CredentialBroker:
                 else max(until, refresh_backoff(now, self._refresh_backoff))
             )
             logger.warning(
-                "stscreds: refresh failed for %s: %s; serving the cached credentials for up "
+                "refresh failed for %s: %s; serving the cached credentials for up "
                 "to %.0fs more, next try in %.0fs",
                 role.arn,
                 error.message,
                 entry.serve_until - now,
                 entry.retry_at - now,
+                extra={"role_arn": role.arn, "error_code": error_label(error)},
             )
             return
         # One line per identity per remembered period, however many callers it fails.
@@ -564,13 +749,121 @@ class CredentialBroker:
             return
         if short:
             logger.error(
-                "stscreds: %s (%s); not asking STS for this identity again for %.0fs",
+                "%s (%s); not asking STS for this identity again for %.0fs",
                 error.message,
                 role.arn,
                 until - now,
+                extra={"role_arn": role.arn, "error_code": error_label(error)},
             )
         else:
-            logger.warning("stscreds: no credentials for %s: %s", role.arn, error.message)
+            logger.warning(
+                "no credentials for %s: %s",
+                role.arn,
+                error.message,
+                extra={"role_arn": role.arn, "error_code": error_label(error)},
+            )
+
+    def metrics(self) -> dict[str, Any]:
+        """A snapshot of every metric, as plain data keyed by stable names.
+
+        Keys are the Prometheus names without the ``stscreds_`` prefix (see
+        ``stscreds.METRICS`` and docs/operations.md): counters and gauges without labels are
+        numbers, labelled ones lists of ``{label: value, ..., "value": n}``, histograms
+        ``{"buckets": [[le, cumulative], ...], "sum": s, "count": n}``. Cheap enough to call
+        on every scrape, from any thread: it copies, never locks the hot path.
+        """
+        stats = self.stats
+        now = self._now()
+        entries = list(self._entries.values())
+        budget = self._exchanger.budget
+        soonest = min((entry.expires_at for entry in entries), default=math.inf) - now
+        snapshot: dict[str, Any] = {
+            "l1_hits_total": stats.hits,
+            "misses_total": stats.misses,
+            "singleflight_joins_total": stats.joins,
+            "background_refreshes_total": stats.background_refreshes,
+            "negative_cache_hits_total": stats.negative_hits,
+            "exchanges_total": [
+                {"trigger": trigger, "outcome": outcome, "code": code, "value": value}
+                for (trigger, outcome, code), value in sorted(stats.exchange_counts.items())
+            ],
+            "sts_calls_total": [
+                {"operation": operation, "value": value}
+                for operation, value in sorted(self._exchanger.calls.items())
+            ],
+            "sts_throttled_total": 0 if budget is None else budget.throttled_count,
+            "sts_budget_refusals_total": 0 if budget is None else budget.refused,
+            "cached_identities": len(entries),
+            "inflight_exchanges": len(self._inflight),
+            "mandatory_window_identities": sum(1 for e in entries if now >= e.mandatory_at),
+            "soonest_expiry_seconds": max(0.0, soonest),
+            "clock_offset_seconds": self.sts_clock.offset if self.sts_clock.known else 0.0,
+            "sts_budget_limited": int(budget is not None and budget.limited),
+            "exchange_duration_seconds": stats.exchange_duration.snapshot(),
+            "request_wait_seconds": stats.request_wait.snapshot(),
+            "role_exchanges_total": [
+                {"role_arn": arn, "outcome": outcome, "code": code, "value": value}
+                for (arn, outcome, code), value in sorted(stats.roles.items())
+            ],
+        }
+        if self._shared is None:
+            for name in _STORE_METRICS:
+                snapshot[name] = []
+        else:
+            snapshot.update(self._shared.metrics())
+        return snapshot
+
+    def health(self) -> dict[str, Any]:
+        """What a readiness probe needs: ``status`` is "ok", "degraded" (working, with a
+        reason to look: store down, clock off, refreshes failing) or "unavailable" (closed,
+        or the last 3 exchanges within a minute failed for a reason no role can escape - the
+        issuer, the clock, the network - with no success since). ``reasons`` says why.
+        """
+        now_wall = time.time()
+        now = self._now()
+        entries = list(self._entries.values())
+        mandatory = sum(1 for e in entries if now >= e.mandatory_at)
+        reasons: list[str] = []
+        status = "ok"
+        store: dict[str, Any] | None = None
+        if self._shared is not None:
+            store = {"kind": self._shared.kind, "breaker_open": self._shared.breaker_open}
+            if self._shared.breaker_open:
+                reasons.append("shared store unavailable: using STS directly")
+        offset = self.sts_clock.offset if self.sts_clock.known else 0.0
+        if abs(offset) > CLOCK_OFFSET_WARNING:
+            reasons.append(f"local clock is {offset:+.0f}s off STS's: check NTP")
+        if mandatory:
+            reasons.append(f"{mandatory} cached identities need a refresh before use")
+        failure = self._last_failure
+        if failure is not None and (
+            self._last_success is None or failure["at"] > self._last_success
+        ):
+            reasons.append(f"last exchange failed: {failure['code']}")
+        if reasons:
+            status = "degraded"
+        recent = [at for at, _ in self._recent_failures if now_wall - at <= HEALTH_WINDOW]
+        if len(recent) >= HEALTH_FAILURES:
+            status = "unavailable"
+            last = "" if failure is None else f": {failure['message']}"
+            reasons.insert(0, f"the last {len(recent)} exchanges failed{last}")
+        if self._closed:
+            status = "unavailable"
+            reasons.insert(0, _CLOSED)
+        return {
+            "status": status,
+            "reasons": reasons,
+            "last_success_at": self._last_success,
+            "seconds_since_success": (
+                None if self._last_success is None else max(0.0, now_wall - self._last_success)
+            ),
+            "last_failure": None if failure is None else dict(failure),
+            "clock": {"known": self.sts_clock.known, "offset_seconds": offset},
+            "store": store,
+            "cached_identities": len(entries),
+            "mandatory_window_identities": mandatory,
+            "inflight_exchanges": len(self._inflight),
+        }
 
     async def aclose(self) -> None:
         """Cancel in-flight exchanges and release the STS client and its threads.
@@ -605,6 +898,13 @@ class CredentialBroker:
             f"CredentialBroker(issuer={self.issuer!r}, sts_endpoint_url={self.sts_endpoint_url!r}, "
             f"cached={len(self._cache)})"
         )
+
+
+def _describe(error: BaseException) -> str:
+    # Our errors' messages are redacted and hold no secret; anything else, its type alone.
+    if isinstance(error, CredentialsUnavailable):
+        return error.message
+    return type(error).__name__
 
 
 def _cancelling() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import ClassVar
 
 __all__ = ["CredentialsRejected", "CredentialsUnavailable", "STSUnavailable"]
 
@@ -23,6 +24,8 @@ class CredentialsUnavailable(Exception):
 
     #: HTTP status the middlewares answer with for this error.
     status_code: int = 503
+    #: stscreds' own reason when STS gave no code (a bounded metric label), else None.
+    reason: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -41,7 +44,9 @@ class CredentialsUnavailable(Exception):
         super().__init__(self.message)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.message!r}, code={self.code!r})"
+        # The public class: stscreds' private subclasses only carry a reason label.
+        name = next(c.__name__ for c in type(self).__mro__ if not c.__name__.startswith("_"))
+        return f"{name}({self.message!r}, code={self.code!r})"
 
     def _copy(self, retry_after: float | None = None) -> CredentialsUnavailable:
         # Negative caching raises a fresh instance each time, so tracebacks never pile up.
@@ -63,3 +68,27 @@ class STSUnavailable(CredentialsUnavailable):
     """STS could not be reached in time or answered with a transient error (5xx, Throttling...)."""
 
     status_code = 503
+
+
+class _Timeout(STSUnavailable):
+    """No answer from STS within the exchange deadline (or the request's own bound)."""
+
+    reason = "Timeout"
+
+
+class _Unreachable(STSUnavailable):
+    """STS could not be reached (connection refused or reset, DNS, socket timeouts)."""
+
+    reason = "Unreachable"
+
+
+class _BadResponse(STSUnavailable):
+    """STS answered with something that is not a usable AssumeRoleWithWebIdentity answer."""
+
+    reason = "BadResponse"
+
+
+class _Closed(STSUnavailable):
+    """The broker was closed."""
+
+    reason = "Closed"

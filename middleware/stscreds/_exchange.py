@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timezone
 from typing import Any
+from urllib.parse import urlsplit
 
 import botocore.session
 from botocore import UNSIGNED
@@ -25,7 +26,16 @@ from botocore.parsers import ResponseParserError
 from ._budget import StsBudget
 from ._clock import StsClock, SystemClock
 from ._credentials import Credentials
-from ._errors import _JWT_LIKE, CredentialsRejected, CredentialsUnavailable, STSUnavailable
+from ._errors import (
+    _JWT_LIKE,
+    CredentialsRejected,
+    CredentialsUnavailable,
+    STSUnavailable,
+    _BadResponse,
+    _Timeout,
+    _Unreachable,
+)
+from ._metrics import ExchangeOutcome
 
 __all__ = [
     "NON_RECOVERABLE_CODES",
@@ -107,12 +117,12 @@ def classify_error(error: BaseException, role_arn: str | None = None) -> Credent
         # refuse again however often it is sent.
         return CredentialsRejected(message, code=code, role_arn=role_arn)
     if isinstance(error, ResponseParserError):
-        return STSUnavailable(
+        return _BadResponse(
             "STS answered with a response that could not be parsed", role_arn=role_arn
         )
     if isinstance(error, BotoCoreError | OSError):
         # Connection refused/reset, DNS, connect and read timeouts: the endpoint, not the role.
-        return STSUnavailable(f"STS unreachable: {type(error).__name__}", role_arn=role_arn)
+        return _Unreachable(f"STS unreachable: {type(error).__name__}", role_arn=role_arn)
     return STSUnavailable(f"STS exchange failed: {type(error).__name__}", role_arn=role_arn)
 
 
@@ -258,6 +268,8 @@ class StsExchanger:
         # Clients dropped at fork: kept referenced, never closed or finalized in the child.
         self._stale_clients: list[BaseClient] = []
         self.endpoint_url: str = self._client.meta.endpoint_url
+        #: The endpoint's host name (a span attribute).
+        self.host: str = urlsplit(self.endpoint_url).hostname or ""
         self.deadline = float(deadline)
         self.max_attempts = max_attempts
         self.retry_base_delay = retry_base_delay
@@ -268,15 +280,26 @@ class StsExchanger:
         self.budget = budget
         #: True once close() has run: the pool takes no more work.
         self.closed = False
+        #: HTTP requests sent to STS, by operation (counted on the pool's threads).
+        self.calls: dict[str, int] = {"AssumeRoleWithWebIdentity": 0, "GetCallerIdentity": 0}
+        self._calls_lock = threading.Lock()
 
     async def exchange(
-        self, request: ExchangeRequest, mint: Callable[[], str], *, background: bool = False
+        self,
+        request: ExchangeRequest,
+        mint: Callable[[], str],
+        *,
+        background: bool = False,
+        outcome: ExchangeOutcome | None = None,
     ) -> Credentials:
         """Mint a token with ``mint`` and call AssumeRoleWithWebIdentity, both on the pool.
 
         Every attempt first takes a token from the STS budget (``background`` refreshes yield
         to requests). Raises CredentialsRejected or STSUnavailable; never blocks the loop.
+        ``outcome`` (if given) counts the attempts that reached STS.
         """
+        if outcome is None:
+            outcome = ExchangeOutcome()
         loop = asyncio.get_running_loop()
         deadline_at = loop.time() + self.deadline
         # Signing (RSA: about a millisecond of CPU) runs on the pool too, inside the deadline:
@@ -284,7 +307,7 @@ class StsExchanger:
         try:
             token = await asyncio.wait_for(loop.run_in_executor(self._pool, mint), self.deadline)
         except asyncio.TimeoutError:
-            raise STSUnavailable(
+            raise _Timeout(
                 f"STS did not answer within {self.deadline:g}s", role_arn=request.role_arn
             ) from None
         params = request.params(token)
@@ -294,7 +317,7 @@ class StsExchanger:
             attempt += 1
             remaining = deadline_at - loop.time()
             if remaining <= 0:
-                raise STSUnavailable(
+                raise _Timeout(
                     f"STS did not answer within {self.deadline:g}s", role_arn=request.role_arn
                 )
             try:
@@ -302,6 +325,7 @@ class StsExchanger:
                     loop.run_in_executor(self._pool, self._call, params, background), remaining
                 )
             except _Refused as refused:
+                attempt -= 1
                 if last is not None:
                     raise last._copy(retry_after=refused.wait) from None
                 raise BudgetRefused(
@@ -311,18 +335,20 @@ class StsExchanger:
                     retry_after=refused.wait,
                 ) from None
             except asyncio.TimeoutError:
-                raise STSUnavailable(
+                outcome.attempts = attempt
+                raise _Timeout(
                     f"STS did not answer within {self.deadline:g}s", role_arn=request.role_arn
                 ) from None
             except Exception as exc:
+                outcome.attempts = attempt
                 error = classify_error(exc, request.role_arn)
                 if isinstance(error, CredentialsRejected) or attempt >= self.max_attempts:
                     raise error from None
                 delay = random.uniform(0.5, 1.0) * self.retry_base_delay * 2 ** (attempt - 1)  # noqa: S311
                 if loop.time() + delay >= deadline_at:
                     raise error from None
-                logger.info(
-                    "stscreds: transient STS error %s for %s, retry %d in %.2fs",
+                logger.debug(
+                    "transient STS error %s for %s, retry %d in %.2fs",
                     error.code or type(exc).__name__,
                     request.role_arn,
                     attempt,
@@ -331,6 +357,7 @@ class StsExchanger:
                 last = error
                 await asyncio.sleep(delay)
                 continue
+            outcome.attempts = attempt
             return _credentials_from(response)
 
     def _new_client(self) -> BaseClient:
@@ -352,6 +379,7 @@ class StsExchanger:
     def _probe(self) -> None:
         client = self._get_client()
         local = self.sts_clock.local
+        self._count("GetCallerIdentity")
         sent_at = local.time()
         try:
             response: dict[str, Any] = client.get_caller_identity()
@@ -359,6 +387,11 @@ class StsExchanger:
             self._observe(error.response, sent_at, local.time())
             return
         self._observe(response, sent_at, local.time())
+
+    def _count(self, operation: str) -> None:
+        # On the pool's threads: += alone could lose a count between two of them.
+        with self._calls_lock:
+            self.calls[operation] += 1
 
     def _get_client(self) -> BaseClient:
         client = self._client
@@ -378,6 +411,7 @@ class StsExchanger:
                 raise _Refused(wait)
         client = self._get_client()
         local = self.sts_clock.local
+        self._count("AssumeRoleWithWebIdentity")
         sent_at = local.time()
         try:
             response: dict[str, Any] = client.assume_role_with_web_identity(**params)
@@ -410,6 +444,7 @@ class StsExchanger:
             max_workers=self._pool._max_workers, thread_name_prefix="stscreds-sts"
         )
         self._client_lock = threading.Lock()
+        self._calls_lock = threading.Lock()
         if self._client is not None:
             self._stale_clients.append(self._client)
         self._client = None
@@ -444,4 +479,4 @@ def _credentials_from(response: dict[str, Any]) -> Credentials:
             expiration=raw["Expiration"],
         )
     except (KeyError, TypeError, ValueError, AttributeError):
-        raise STSUnavailable("STS answered without usable credentials") from None
+        raise _BadResponse("STS answered without usable credentials") from None

@@ -22,6 +22,7 @@ from ._cache import MANDATORY_WINDOW
 from ._clock import StsClock
 from ._credentials import Credentials
 from ._errors import CredentialsRejected, CredentialsUnavailable, STSUnavailable
+from ._telemetry import Tracing
 from .stores import CredentialStore
 
 __all__ = ["SharedTier", "StoreStats"]
@@ -57,9 +58,9 @@ _SKIPPED = _Skipped()
 
 
 class StoreStats:
-    """Counters of the shared tier."""
+    """Raw counters of the shared tier (``broker.metrics()`` is the documented view)."""
 
-    __slots__ = ("errors", "hits", "leases", "outages", "rejected", "waits")
+    __slots__ = ("errors", "hits", "leases", "operations", "outages", "rejected", "waits")
 
     def __init__(self) -> None:
         self.hits = 0  # credentials taken from the store
@@ -68,10 +69,12 @@ class StoreStats:
         self.errors = 0  # failed or timed-out store operations
         self.outages = 0  # times the breaker opened after the store had been healthy
         self.rejected = 0  # values that failed to open or parse (tampered, foreign, garbage)
+        #: (operation, outcome) -> store calls; outcome: ok, error, timeout, skipped.
+        self.operations: dict[tuple[str, str], int] = {}
 
     def as_dict(self) -> dict[str, int]:
-        """The counters as a dict."""
-        return {name: getattr(self, name) for name in self.__slots__}
+        """The plain counters as a dict."""
+        return {name: getattr(self, name) for name in self.__slots__ if name != "operations"}
 
     def __repr__(self) -> str:
         return f"StoreStats({self.as_dict()})"
@@ -91,6 +94,7 @@ class SharedTier:
         lease_wait: float = 10.0,
         wait_slice: float = 0.5,
         learn_clock: Callable[[], Awaitable[object]] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         if not isinstance(store, CredentialStore):
             raise TypeError("store: must implement stscreds.stores.CredentialStore")
@@ -121,6 +125,34 @@ class SharedTier:
         self._contacted = False
         self._background: set[asyncio.Task[Any]] = set()
         self.stats = StoreStats()
+        #: The store's label in metrics and spans: "redis", "sqlite", "memory" or the class.
+        self.kind = store_kind(store)
+        self._tracing = tracing if tracing is not None else Tracing()
+
+    @property
+    def breaker_open(self) -> bool:
+        """True from a failed store call until one succeeds again (the store is skipped)."""
+        return self._outage
+
+    def metrics(self) -> dict[str, list[dict[str, Any]]]:
+        """The tier's part of ``broker.metrics()``."""
+        stats = self.stats
+
+        def one(value: int) -> list[dict[str, Any]]:
+            return [{"store": self.kind, "value": value}]
+
+        return {
+            "store_hits_total": one(stats.hits),
+            "store_leases_total": one(stats.leases),
+            "store_waits_total": one(stats.waits),
+            "store_rejected_values_total": one(stats.rejected),
+            "store_operations_total": [
+                {"store": self.kind, "operation": op, "outcome": outcome, "value": value}
+                for (op, outcome), value in sorted(stats.operations.items())
+            ],
+            "store_breaker_openings_total": one(stats.outages),
+            "store_breaker_open": one(int(self._outage)),
+        }
 
     async def obtain(
         self,
@@ -162,7 +194,10 @@ class SharedTier:
                 )
             remaining = give_up_at - loop.time()
             if remaining <= 0:
-                logger.warning("stscreds: gave up waiting for another worker's exchange")
+                logger.warning(
+                    "gave up waiting %.1fs for another worker's exchange; calling STS",
+                    self.lease_wait,
+                )
                 break
             # Who we wait for: only that holder's failure marker is believed.
             holder = await self._call(self.store.holder, names.value)
@@ -390,6 +425,7 @@ class SharedTier:
         loop = asyncio.get_running_loop()
         if not force:
             if loop.time() < self._open_until or self._probing:
+                self._count(getattr(method, "__name__", "call"), "skipped")
                 return _SKIPPED
             if self._outage:
                 self._probing = True
@@ -401,19 +437,32 @@ class SharedTier:
             timeout = (
                 self.op_timeout if self._contacted else max(self.op_timeout, _FIRST_CONTACT_TIMEOUT)
             )
-        try:
-            result = await asyncio.wait_for(method(*args), timeout)
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # any store failure means: go on without it
-            self._contacted = True
-            self._trip(loop, error)
-            return _FAILED
+        operation = getattr(method, "__name__", "call")
+        with self._tracing.span(
+            f"stscreds.store {operation}",
+            {"db.system.name": self.kind, "db.operation.name": operation},
+        ) as span:
+            try:
+                result = await asyncio.wait_for(method(*args), timeout)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # any store failure means: go on without it
+                self._contacted = True
+                outcome = "timeout" if isinstance(error, asyncio.TimeoutError) else "error"
+                self._count(operation, outcome)
+                span.fail(outcome if outcome == "timeout" else type(error).__name__, outcome)
+                self._trip(loop, error)
+                return _FAILED
         self._contacted = True
+        self._count(operation, "ok")
         if self._outage:
             self._outage = False
-            logger.warning("stscreds: shared store is back")
+            logger.warning("shared store is back", extra={"store": self.kind})
         return result
+
+    def _count(self, operation: str, outcome: str) -> None:
+        operations = self.stats.operations
+        operations[operation, outcome] = operations.get((operation, outcome), 0) + 1
 
     def reset_after_fork(self) -> None:
         """In a forked child: let the store drop connections tied to the parent's loop."""
@@ -434,10 +483,10 @@ class SharedTier:
             self.stats.outages += 1
             # The type only: a backend's message may quote a value or a password.
             logger.warning(
-                "stscreds: shared store unavailable (%s); using STS directly, "
-                "retrying the store in %.0fs",
+                "shared store unavailable (%s); using STS directly, retrying the store in %.0fs",
                 type(error).__name__,
                 self.breaker_cooldown,
+                extra={"store": self.kind},
             )
 
     async def aclose(self) -> None:
@@ -447,7 +496,19 @@ class SharedTier:
         except asyncio.CancelledError:
             raise
         except Exception as error:  # the protocol allows any error; shutdown must go on
-            logger.warning("stscreds: closing the shared store failed (%s)", type(error).__name__)
+            logger.warning(
+                "closing the shared store failed (%s)",
+                type(error).__name__,
+                extra={"store": self.kind},
+            )
+
+
+def store_kind(store: CredentialStore) -> str:
+    """A short label for a store: its class name, lower-cased, without "Store"."""
+    name = type(store).__name__
+    if name.endswith("Store") and len(name) > len("Store"):
+        name = name[: -len("Store")]
+    return name.lower()
 
 
 class _Names:

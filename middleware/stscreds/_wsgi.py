@@ -169,7 +169,7 @@ class CredentialsWSGIMiddleware:
             # Cancels only this wait: the shared exchange goes on for the others.
             future.cancel()
             logger.warning(
-                "stscreds: gave up waiting for credentials for %s after %gs", role.arn, self.timeout
+                "gave up waiting for credentials for %s after %gs", role.arn, self.timeout
             )
             raise STSUnavailable(
                 f"no credentials within {self.timeout:g}s", role_arn=role.arn

@@ -214,7 +214,7 @@ class RedisStore:
             await asyncio.wait((listener,))
             if not listener.cancelled() and listener.exception() is not None:
                 error = listener.exception()
-                logger.warning("stscreds: redis listener had failed (%s)", type(error).__name__)
+                logger.warning("redis listener had failed (%s)", type(error).__name__)
         self._wake_all()
         if self._close_client:
             await self._client.aclose()
@@ -248,7 +248,7 @@ class RedisStore:
         if listener is not None and not listener.cancelled() and listener.exception():
             # _listen only ends on a bug; say so and start over (waits poll meanwhile).
             error = listener.exception()
-            logger.warning("stscreds: redis listener failed (%s)", type(error).__name__)
+            logger.warning("redis listener failed (%s)", type(error).__name__)
         self._listener = asyncio.get_running_loop().create_task(
             self._listen(), name=f"stscreds-redis-listener[{self._channel}]"
         )
@@ -303,7 +303,7 @@ class RedisStore:
                 self._up_since = asyncio.get_running_loop().time()
             if self._reported_down:
                 self._reported_down = False
-                logger.info("stscreds: redis notifications are back")
+                logger.info("redis notifications are back")
         elif self._listening:
             # Waiters counting on a notification must poll from now on: re-check now.
             self._wake_all()
@@ -314,7 +314,7 @@ class RedisStore:
             self._reported_down = True
             # The type only: a server's message may quote a command's arguments.
             logger.warning(
-                "stscreds: redis notifications unavailable (%s); waiters poll every %.2gs",
+                "redis notifications unavailable (%s); waiters poll every %.2gs",
                 type(error).__name__,
                 self._poll_interval,
             )
