@@ -1,0 +1,305 @@
+"""Prometheus exposition of ``broker.metrics()`` (extra ``stscreds[prometheus]``).
+
+One process::
+
+    from prometheus_client import REGISTRY
+    from stscreds.prometheus import StscredsCollector
+
+    REGISTRY.register(StscredsCollector(broker))
+
+The collector reads each broker's snapshot when Prometheus scrapes: the request path pays
+nothing. Under prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set, as
+with gunicorn or ``uvicorn --workers``), scrapes are answered from files every worker writes:
+there the collector copies its brokers' figures into prometheus_client metrics every
+``sync_interval`` seconds (and histogram observations at once), and its ``collect()`` adds
+nothing, so the series are neither missing nor counted twice.
+
+Names: ``stscreds_`` + the snapshot key (``stscreds_exchanges_total``, ...), base units.
+Labels are bounded (trigger, outcome, code, operation, store); a role ARN becomes a label
+only on ``stscreds_role_exchanges_total``, and only for the ARNs given in ``role_arns``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from functools import partial
+from typing import Any
+
+try:
+    from prometheus_client import Counter, Gauge
+    from prometheus_client import Histogram as PromHistogram
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        Metric,
+    )
+    from prometheus_client.registry import Collector
+except ImportError as error:  # pragma: no cover - the message is the point
+    raise ImportError(
+        "stscreds.prometheus needs prometheus_client: pip install 'stscreds[prometheus]'"
+    ) from error
+
+from ._broker import CredentialBroker
+from ._metrics import DURATION_BUCKETS, METRICS, ROLE_METRIC, MetricSpec, samples
+
+__all__ = ["MAX_ROLE_ARNS", "PREFIX", "StscredsCollector", "prometheus_name"]
+
+#: Every series name starts with this.
+PREFIX = "stscreds_"
+#: The most role ARNs ``role_arns`` may name: each one adds up to a few dozen series.
+MAX_ROLE_ARNS = 100
+
+# How the gauges of several brokers (or, in multiprocess mode, processes) combine.
+_GAUGE_MODES: dict[str, str] = {
+    "cached_identities": "livesum",
+    "inflight_exchanges": "livesum",
+    "mandatory_window_identities": "livesum",
+    "soonest_expiry_seconds": "livemin",
+    "clock_offset_seconds": "livemax",
+    "store_breaker_open": "livemax",
+    "sts_budget_limited": "livemax",
+}
+
+
+def prometheus_name(spec: MetricSpec) -> str:
+    """The series name of a catalogue entry (counters keep their ``_total``)."""
+    return PREFIX + spec.name
+
+
+class StscredsCollector(Collector):
+    """A prometheus_client collector for one or more brokers (their figures are summed).
+
+    ``role_arns``: role ARNs whose exchanges are also counted per role (at most 100; a role
+    ARN is never a label otherwise). ``multiprocess``: None follows
+    ``PROMETHEUS_MULTIPROC_DIR``. ``sync_interval``: seconds between copies in that mode.
+    """
+
+    def __init__(
+        self,
+        *brokers: CredentialBroker,
+        role_arns: Iterable[str] = (),
+        multiprocess: bool | None = None,
+        sync_interval: float = 5.0,
+    ) -> None:
+        if not brokers:
+            raise ValueError("StscredsCollector: give at least one CredentialBroker")
+        for broker in brokers:
+            if not isinstance(broker, CredentialBroker):
+                raise TypeError(
+                    f"StscredsCollector: expected CredentialBroker, got {type(broker).__name__}"
+                )
+        if isinstance(role_arns, str):
+            raise TypeError("role_arns: must be an iterable of role ARNs, not one string")
+        arns = frozenset(role_arns)
+        if len(arns) > MAX_ROLE_ARNS:
+            raise ValueError(f"role_arns: at most {MAX_ROLE_ARNS} role ARNs (got {len(arns)})")
+        if not all(isinstance(arn, str) and arn.startswith("arn:") for arn in arns):
+            raise ValueError("role_arns: every entry must be a role ARN string")
+        if (
+            isinstance(sync_interval, bool)
+            or not isinstance(sync_interval, int | float)
+            or not 0 < sync_interval < math.inf
+        ):
+            raise ValueError("sync_interval: must be a positive number of seconds")
+        self._brokers = tuple(brokers)
+        self._role_arns = arns
+        self.multiprocess = (
+            bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+            if multiprocess is None
+            else bool(multiprocess)
+        )
+        self.sync_interval = float(sync_interval)
+        self._mirror: _Mirror | None = None
+        if self.multiprocess:
+            self._mirror = _Mirror(self._brokers, arns)
+            self._mirror.start(self.sync_interval)
+
+    def describe(self) -> Iterable[Metric]:
+        """The families this collector yields (none in multiprocess mode)."""
+        if self.multiprocess:
+            return []
+        return list(self._families(with_samples=False))
+
+    def collect(self) -> Iterable[Metric]:
+        """Every metric of every broker, read now (multiprocess mode: sync, yield none)."""
+        if self._mirror is not None:
+            self._mirror.sync()
+            return []
+        return list(self._families(with_samples=True))
+
+    def sync(self) -> None:
+        """Multiprocess mode: copy the brokers' figures to this process's files now."""
+        if self._mirror is not None:
+            self._mirror.sync()
+
+    def close(self) -> None:
+        """Multiprocess mode: a last sync, then stop the sync thread."""
+        if self._mirror is not None:
+            self._mirror.stop()
+
+    def _families(self, *, with_samples: bool) -> Iterator[Metric]:
+        snapshots = [broker.metrics() for broker in self._brokers] if with_samples else []
+        for spec in _specs(self._role_arns):
+            name = prometheus_name(spec)
+            if spec.kind == "counter":
+                counter = CounterMetricFamily(
+                    name.removesuffix("_total"), spec.help, labels=spec.labels
+                )
+                for labels, value in _combined(spec, snapshots, self._role_arns):
+                    counter.add_metric([labels[k] for k in spec.labels], value)
+                yield counter
+            elif spec.kind == "gauge":
+                gauge = GaugeMetricFamily(name, spec.help, labels=spec.labels)
+                for labels, value in _combined(spec, snapshots, self._role_arns):
+                    gauge.add_metric([labels[k] for k in spec.labels], value)
+                yield gauge
+            else:
+                histogram = HistogramMetricFamily(name, spec.help)
+                if snapshots:
+                    buckets, total = _histogram_sum(spec, snapshots)
+                    histogram.add_metric([], buckets, total)
+                yield histogram
+
+
+def _specs(role_arns: frozenset[str]) -> tuple[MetricSpec, ...]:
+    return (*METRICS, ROLE_METRIC) if role_arns else METRICS
+
+
+def _combined(
+    spec: MetricSpec, snapshots: list[dict[str, Any]], role_arns: frozenset[str]
+) -> list[tuple[dict[str, str], float]]:
+    """One value per label set across brokers: counters add; gauges by their mode."""
+    values: dict[tuple[str, ...], float] = {}
+    labelled: dict[tuple[str, ...], dict[str, str]] = {}
+    mode = _GAUGE_MODES.get(spec.name, "livesum")
+    for snapshot in snapshots:
+        for labels, value in samples(spec, snapshot):
+            if spec is ROLE_METRIC and labels["role_arn"] not in role_arns:
+                continue
+            key = tuple(labels[k] for k in spec.labels)
+            labelled[key] = labels
+            if key not in values:
+                values[key] = float(value)
+            elif spec.kind == "counter" or mode == "livesum":
+                values[key] += float(value)
+            elif mode == "livemin":
+                values[key] = min(values[key], float(value))
+            else:
+                values[key] = max(values[key], float(value), key=abs)
+    return [(labelled[key], value) for key, value in values.items()]
+
+
+def _histogram_sum(
+    spec: MetricSpec, snapshots: list[dict[str, Any]]
+) -> tuple[list[tuple[str, float]], float]:
+    cumulative: list[float] = []
+    total = 0.0
+    bounds: list[float] = []
+    for snapshot in snapshots:
+        data = snapshot[spec.name]
+        if not cumulative:
+            bounds = [bound for bound, _ in data["buckets"]]
+            cumulative = [0.0] * len(bounds)
+        for i, (_, count) in enumerate(data["buckets"]):
+            cumulative[i] += count
+        total += data["sum"]
+    return [(_le(bound), count) for bound, count in zip(bounds, cumulative, strict=True)], total
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+class _Mirror:
+    """Copies broker figures into prometheus_client metrics (multiprocess files)."""
+
+    def __init__(self, brokers: tuple[CredentialBroker, ...], role_arns: frozenset[str]) -> None:
+        self._brokers = brokers
+        self._role_arns = role_arns
+        self._lock = threading.Lock()
+        self._metrics: dict[str, Any] = {}
+        # (metric, label values) -> the count already copied, so each sync adds the change.
+        self._copied: dict[tuple[str, tuple[str, ...]], float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._interval = 5.0
+        for spec in _specs(role_arns):
+            name = prometheus_name(spec)
+            if spec.kind == "counter":
+                self._metrics[spec.name] = Counter(
+                    name.removesuffix("_total"), spec.help, spec.labels, registry=None
+                )
+            elif spec.kind == "gauge":
+                self._metrics[spec.name] = Gauge(
+                    name,
+                    spec.help,
+                    spec.labels,
+                    registry=None,
+                    multiprocess_mode=_GAUGE_MODES.get(spec.name, "livesum"),  # type: ignore[arg-type]
+                )
+            else:
+                histogram = PromHistogram(name, spec.help, registry=None, buckets=DURATION_BUCKETS)
+                self._metrics[spec.name] = histogram
+                # Observations go to the file as they happen: a histogram's buckets cannot be
+                # copied as a change.
+                for broker in brokers:
+                    source = getattr(broker.stats, _HISTOGRAMS[spec.name])
+                    source.listeners.append(histogram.observe)
+        os.register_at_fork(after_in_child=partial(_restart_in_child, weakref.ref(self)))
+
+    def start(self, interval: float) -> None:
+        self._interval = interval
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, name="stscreds-prometheus-sync", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.sync()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.sync()
+
+    def sync(self) -> None:
+        with self._lock:
+            snapshots = [broker.metrics() for broker in self._brokers]
+            for spec in _specs(self._role_arns):
+                if spec.kind == "histogram":
+                    continue
+                metric = self._metrics[spec.name]
+                for labels, value in _combined(spec, snapshots, self._role_arns):
+                    child = metric.labels(**labels) if spec.labels else metric
+                    if spec.kind == "gauge":
+                        child.set(value)
+                        continue
+                    key = (spec.name, tuple(labels[k] for k in spec.labels))
+                    change = value - self._copied.get(key, 0.0)
+                    if change > 0:
+                        child.inc(change)
+                        self._copied[key] = value
+
+    def _after_fork(self) -> None:
+        # The parent's thread does not exist here; its lock may have been held at the fork.
+        self._lock = threading.Lock()
+        if self._thread is not None:
+            self.start(self._interval)
+
+
+_HISTOGRAMS: Mapping[str, str] = {
+    "exchange_duration_seconds": "exchange_duration",
+    "request_wait_seconds": "request_wait",
+}
+
+
+def _restart_in_child(ref: weakref.ref[_Mirror]) -> None:
+    mirror = ref()
+    if mirror is not None:
+        mirror._after_fork()
