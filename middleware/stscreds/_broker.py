@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -86,6 +87,61 @@ PROCESS_WIDE_FAILURES = frozenset(
 #: with no successful exchange since.
 HEALTH_FAILURES = 3
 HEALTH_WINDOW = 60.0
+
+
+#: Per kind of warning and error code: at most this many lines per WARNING_WINDOW seconds;
+#: the rest are counted and summed up in one line (200 identities throttled at once must
+#: not mean 200 WARNING lines; each exchange still logs its INFO event).
+WARNING_LIMIT = 5
+WARNING_WINDOW = 10.0
+
+
+class _WarningSummary:
+    """Lets the first few warnings of a kind and code through and sums up the rest."""
+
+    __slots__ = ("_windows",)
+
+    def __init__(self) -> None:
+        # (kind, code) -> [window start, lines shown, lines held back]
+        self._windows: dict[tuple[str, str], list[float]] = {}
+
+    def allow(self, kind: str, code: str, now: float) -> bool:
+        """True if this warning should be logged; False if it is only counted."""
+        window = self._windows.get((kind, code))
+        if window is None or now - window[0] >= WARNING_WINDOW:
+            if window is not None:
+                self._flush(kind, code, window, now)
+            self._windows[kind, code] = [now, 1.0, 0.0]
+            return True
+        if window[1] < WARNING_LIMIT:
+            window[1] += 1
+            return True
+        window[2] += 1
+        if window[2] == 1:
+            with contextlib.suppress(RuntimeError):  # no running loop: the next call flushes
+                asyncio.get_running_loop().call_later(
+                    WARNING_WINDOW, self._flush_late, kind, code, window
+                )
+        return False
+
+    def _flush_late(self, kind: str, code: str, window: list[float]) -> None:
+        if self._windows.get((kind, code)) is window:
+            del self._windows[kind, code]
+            self._flush(kind, code, window, window[0] + WARNING_WINDOW)
+
+    @staticmethod
+    def _flush(kind: str, code: str, window: list[float], now: float) -> None:
+        if window[2]:
+            logger.warning(
+                "%d more identities: %s (%s) within %.0fs, not logged one by one; each "
+                "exchange is logged at INFO",
+                int(window[2]),
+                kind,
+                code,
+                max(0.0, now - window[0]),
+                extra={"error_code": code, "suppressed": int(window[2])},
+            )
+            window[2] = 0
 
 
 class _ShortGrant(STSUnavailable):
@@ -240,6 +296,7 @@ class CredentialBroker:
         # (time, code label) of recent process-wide failures, for health().
         self._recent_failures: deque[tuple[float, str]] = deque(maxlen=HEALTH_FAILURES)
         self._last_failure: dict[str, Any] | None = None
+        self._warnings = _WarningSummary()
         # gunicorn --preload and multiprocessing fork a process that already made a broker.
         os.register_at_fork(after_in_child=partial(_reset_in_child, weakref.ref(self)))
         # The lease must outlive one whole exchange, or a slow holder loses it mid-call.
@@ -703,6 +760,7 @@ class CredentialBroker:
         self.stats.exchange_failures += 1
         now = self._now()
         short = isinstance(error, _ShortGrant)
+        code = error_label(error)
         if isinstance(error, CredentialsRejected):
             low, high = self._negative_ttl
         elif short:
@@ -730,15 +788,16 @@ class CredentialBroker:
                 if isinstance(error, BudgetRefused)
                 else max(until, refresh_backoff(now, self._refresh_backoff))
             )
-            logger.warning(
-                "refresh failed for %s: %s; serving the cached credentials for up "
-                "to %.0fs more, next try in %.0fs",
-                role.arn,
-                error.message,
-                entry.serve_until - now,
-                entry.retry_at - now,
-                extra={"role_arn": role.arn, "error_code": error_label(error)},
-            )
+            if self._warnings.allow("refresh failed, cached credentials served", code, now):
+                logger.warning(
+                    "refresh failed for %s: %s; serving the cached credentials for up "
+                    "to %.0fs more, next try in %.0fs",
+                    role.arn,
+                    error.message,
+                    entry.serve_until - now,
+                    entry.retry_at - now,
+                    extra={"role_arn": role.arn, "error_code": code},
+                )
             return
         # One line per identity per remembered period, however many callers it fails.
         if (
@@ -753,14 +812,14 @@ class CredentialBroker:
                 error.message,
                 role.arn,
                 until - now,
-                extra={"role_arn": role.arn, "error_code": error_label(error)},
+                extra={"role_arn": role.arn, "error_code": code},
             )
-        else:
+        elif self._warnings.allow("no credentials", code, now):
             logger.warning(
                 "no credentials for %s: %s",
                 role.arn,
                 error.message,
-                extra={"role_arn": role.arn, "error_code": error_label(error)},
+                extra={"role_arn": role.arn, "error_code": code},
             )
 
     def metrics(self) -> dict[str, Any]:
