@@ -9,11 +9,13 @@ from ._broker import BrokerStats, CredentialBroker
 from ._clock import Clock, SystemClock
 from ._credentials import Credentials
 from ._errors import CredentialsRejected, CredentialsUnavailable, STSUnavailable
+from ._metrics import METRICS, MetricSpec
 from ._roles import Role
 from ._signing import SigningKey
 from ._wsgi import CredentialsWSGIMiddleware
 
 __all__ = [
+    "METRICS",
     "BrokerStats",
     "Clock",
     "CredentialBroker",
@@ -22,6 +24,7 @@ __all__ = [
     "CredentialsRejected",
     "CredentialsUnavailable",
     "CredentialsWSGIMiddleware",
+    "MetricSpec",
     "Role",
     "STSUnavailable",
     "SigningKey",

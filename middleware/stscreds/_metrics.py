@@ -234,7 +234,7 @@ ROLE_METRIC = MetricSpec(
 class Histogram:
     """Bucketed observations with fixed upper bounds; recorded on the miss path only."""
 
-    __slots__ = ("bounds", "count", "counts", "listeners", "sum")
+    __slots__ = ("bounds", "count", "counts", "listener_errors", "listeners", "sum")
 
     def __init__(self, bounds: tuple[float, ...] = DURATION_BUCKETS) -> None:
         self.bounds = bounds
@@ -243,6 +243,8 @@ class Histogram:
         self.count = 0
         #: Called with each observation (exporters whose histograms are push-only).
         self.listeners: list[Callable[[float], None]] = []
+        #: Listener calls that raised (swallowed: an exporter must not fail a request).
+        self.listener_errors = 0
 
     def observe(self, value: float) -> None:
         """Record one observation (seconds)."""
@@ -250,7 +252,10 @@ class Histogram:
         self.sum += value
         self.count += 1
         for listener in self.listeners:
-            listener(value)
+            try:
+                listener(value)
+            except Exception:  # an exporter's failure must never fail a request
+                self.listener_errors += 1
 
     def snapshot(self) -> dict[str, Any]:
         """``{"buckets": [[le, cumulative count], ...], "sum": s, "count": n}``; the last
