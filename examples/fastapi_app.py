@@ -2,24 +2,36 @@
 
 Run: uvicorn examples.fastapi_app:app  (configuration: see examples/settings.py;
 STSCREDS_S3_ENDPOINT overrides the S3 endpoint)
+
+Routes: /whoami, /objects (send X-Tenant), /reports (any caller), and /metrics (Prometheus;
+one process: for gunicorn or uvicorn --workers see docs/operations.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from examples.settings import ACCOUNT_ID, make_broker, role_for_tenant
 from stscreds import Credentials, CredentialsMiddleware, Role
 from stscreds.aws import client
 from stscreds.fastapi import AwsCredentials, credentials_for
+from stscreds.prometheus import StscredsCollector
 
 S3_ENDPOINT = os.environ.get("STSCREDS_S3_ENDPOINT") or None
 REGION = os.environ.get("STSCREDS_REGION", "us-east-1")
 
 broker = make_broker()
+# Prometheus reads the broker's figures when it scrapes: the request path pays nothing.
+# ValueError: this module was imported twice in one process (a reloader, a test) and the
+# registry refuses the same series twice; the first import's collector stays.
+with contextlib.suppress(ValueError):
+    REGISTRY.register(StscredsCollector(broker))
 
 
 def resolve_role(scope: dict[str, Any]) -> Role | None:
@@ -57,6 +69,12 @@ def objects(credentials: AwsCredentials, x_tenant: Annotated[str, Header()]) -> 
 def reports(credentials: ReportsCredentials) -> dict[str, Any]:
     """List the reports bucket with the reports role, whoever the caller is."""
     return list_bucket(credentials, "reports")
+
+
+@app.get("/metrics", include_in_schema=False)
+def metrics() -> Response:
+    """Every metric of the default registry, stscreds_* included (Prometheus text format)."""
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
 def list_bucket(credentials: Credentials, bucket: str) -> dict[str, Any]:

@@ -3,28 +3,39 @@
 Run: uvicorn examples.starlette_app:app  (configuration: see examples/settings.py;
 STSCREDS_S3_ENDPOINT overrides the S3 endpoint and STSCREDS_WARM_UP names tenants,
 comma-separated, whose credentials are fetched in the background at start-up).
+
+Routes: /whoami, /objects (send X-Tenant), and /metrics (Prometheus; one process: for
+gunicorn or uvicorn --workers see docs/operations.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from examples.settings import make_broker, role_for_tenant
 from stscreds import CredentialsMiddleware, Role
 from stscreds.aws import client
+from stscreds.prometheus import StscredsCollector
 
 S3_ENDPOINT = os.environ.get("STSCREDS_S3_ENDPOINT") or None
 REGION = os.environ.get("STSCREDS_REGION", "us-east-1")
 WARM_UP = [role_for_tenant(t) for t in os.environ.get("STSCREDS_WARM_UP", "").split(",") if t]
 
 broker = make_broker()
+# Prometheus reads the broker's figures when it scrapes: the request path pays nothing.
+# ValueError: this module was imported twice in one process (a reloader, a test) and the
+# registry refuses the same series twice; the first import's collector stays.
+with contextlib.suppress(ValueError):
+    REGISTRY.register(StscredsCollector(broker))
 
 
 def resolve_role(scope: dict) -> Role | None:
@@ -60,8 +71,13 @@ async def objects(request: Request) -> JSONResponse:
     return JSONResponse({"bucket": bucket, "keys": keys})
 
 
+async def metrics(request: Request) -> Response:
+    """Every metric of the default registry, stscreds_* included (Prometheus text format)."""
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
 app = Starlette(
-    routes=[Route("/whoami", whoami), Route("/objects", objects)],
+    routes=[Route("/whoami", whoami), Route("/objects", objects), Route("/metrics", metrics)],
     middleware=[
         Middleware(
             CredentialsMiddleware,

@@ -1289,3 +1289,198 @@ def test_retry_after_says_when_a_remembered_failure_ends(
         assert response.status_code == 503
         assert 20 <= int(response.headers["retry-after"]) <= 34
     assert strict_sts.calls == 1
+
+
+# -- health endpoint ---------------------------------------------------------------------------
+
+HEALTH_KEYS = {
+    "status",
+    "reasons",
+    "last_success_at",
+    "seconds_since_success",
+    "last_failure",
+    "clock",
+    "store",
+    "cached_identities",
+    "mandatory_window_identities",
+    "inflight_exchanges",
+}
+
+
+def health_client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+def assert_health_headers(response: httpx.Response) -> None:
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["cache-control"] == "no-store"
+    assert "etag" not in response.headers
+
+
+async def test_health_endpoint_answers_the_brokers_health(
+    strict_sts: StrictSTS, broker: CredentialBroker
+) -> None:
+    app = starlette_app(Seen(), broker, health_path="/healthz")
+    async with health_client(app) as client:
+        fresh = await client.get("/healthz")
+        assert fresh.status_code == 200
+        assert_health_headers(fresh)
+        assert set(fresh.json()) == HEALTH_KEYS
+        assert fresh.json() == broker.health()
+        assert fresh.json()["status"] == "ok"
+
+        assert (await client.get("/whoami", headers={"x-tenant": "a"})).status_code == 200
+        response = await client.get("/healthz")
+        assert response.status_code == 200
+        assert_health_headers(response)
+        assert int(response.headers["content-length"]) == len(response.content)
+        health = response.json()
+        assert health["status"] == "ok"
+        assert health["reasons"] == []
+        assert health["cached_identities"] == 1
+        assert health["clock"]["known"] is True
+        assert isinstance(health["last_success_at"], float)
+
+        head = await client.head("/healthz")
+        assert head.status_code == 200
+        assert head.content == b""
+        assert_health_headers(head)
+        assert int(head.headers["content-length"]) > 0
+    assert strict_sts.calls == 1
+
+
+async def call_raw(app: Any, method: str, path: str) -> list[dict[str, Any]]:
+    """The ASGI messages ``app`` sends for one request (what a server would write)."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": []}
+    await app(scope, receive, send)
+    return sent
+
+
+async def test_health_endpoint_head_sends_no_body(broker: CredentialBroker) -> None:
+    app = CredentialsMiddleware(
+        Downstream(), broker=broker, resolve_role=CountingResolver(), health_path="/healthz"
+    )
+    get_start, get_body = await call_raw(app, "GET", "/healthz")
+    head_start, head_body = await call_raw(app, "HEAD", "/healthz")
+    assert get_start["status"] == head_start["status"] == 200
+    assert head_start["headers"] == get_start["headers"]
+    assert dict(get_start["headers"])[b"content-length"] == str(len(get_body["body"])).encode()
+    assert json.loads(get_body["body"])["status"] == "ok"
+    assert head_body == {"type": "http.response.body", "body": b""}
+
+
+async def test_health_endpoint_needs_no_role_and_calls_no_resolver(
+    strict_sts: StrictSTS, broker: CredentialBroker
+) -> None:
+    downstream, resolver = Downstream(), CountingResolver()
+    app = CredentialsMiddleware(
+        downstream, broker=broker, resolve_role=resolver, health_path="/healthz"
+    )
+    async with health_client(app) as client:
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.head("/healthz", headers={"x-tenant": "a"})).status_code == 200
+        post = await client.post("/healthz")
+        assert post.status_code == 405
+        assert {m.strip() for m in post.headers["allow"].split(",")} == {"GET", "HEAD"}
+        assert resolver.calls == 0
+        assert downstream.paths == []
+        # Only that exact path: the others reach the resolver and the app.
+        for path in ("/healthz/", "/healthz/x", "/HEALTHZ", "/health"):
+            assert (await client.get(path)).status_code == 299, path
+    assert resolver.calls == 4
+    assert [path for _, path in downstream.paths] == [
+        "/healthz/",
+        "/healthz/x",
+        "/HEALTHZ",
+        "/health",
+    ]
+    assert strict_sts.calls == 0
+
+
+@pytest.mark.parametrize("how", ["close", "aclose"])
+async def test_health_endpoint_is_503_once_the_broker_is_closed(
+    broker: CredentialBroker, how: str
+) -> None:
+    client, _, _ = oidc_client(broker, health_path="/healthz")
+    assert client.get("/healthz").status_code == 200
+    if how == "close":
+        broker.close()
+    else:
+        await broker.aclose()
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    assert_health_headers(response)
+    assert response.json()["status"] == "unavailable"
+    assert response.json()["reasons"] == ["credential broker is closed"]
+    assert "retry-after" not in response.headers
+    head = client.head("/healthz")
+    assert head.status_code == 503
+    assert head.content == b""
+
+
+async def test_health_endpoint_is_503_after_three_short_grants(
+    strict_sts: StrictSTS, make_broker: Any
+) -> None:
+    broker = make_broker(max_attempts=1)
+    strict_sts.expiration = lambda now, _requested: now + 10  # (nearly) expired on arrival
+    app = starlette_app(Seen(), broker, health_path="/healthz")
+    async with health_client(app) as client:
+        for tenant in ("a", "b", "c"):
+            assert (await client.get("/whoami", headers={"x-tenant": tenant})).status_code == 503
+        down = await client.get("/healthz")
+        assert down.status_code == 503
+        assert down.json()["status"] == "unavailable"
+        assert down.json()["last_failure"]["code"] == "ShortGrant"
+        strict_sts.expiration = None
+        assert (await client.get("/whoami", headers={"x-tenant": "d"})).status_code == 200
+        up = await client.get("/healthz")
+        assert up.status_code == 200
+        assert up.json()["status"] == "ok"
+
+
+async def test_health_endpoint_is_off_by_default(broker: CredentialBroker) -> None:
+    client, downstream, resolver = oidc_client(broker)
+    response = client.get("/healthz")
+    assert response.status_code == 299
+    assert response.content == b"downstream"
+    assert downstream.paths == [("GET", "/healthz")]
+    assert resolver.calls == 1
+
+
+def test_health_endpoint_without_the_oidc_documents(broker: CredentialBroker) -> None:
+    client, downstream, _ = oidc_client(broker, serve_oidc=False, health_path=ISSUER_JWKS)
+    assert client.get(ISSUER_JWKS).json()["status"] == "ok"
+    assert client.get(ISSUER_DISCOVERY).status_code == 299
+    assert downstream.paths == [("GET", ISSUER_DISCOVERY)]
+
+
+def test_health_endpoint_at_a_non_ascii_path(broker: CredentialBroker) -> None:
+    client, downstream, _ = oidc_client(broker, health_path="/sant\u00e9")
+    assert client.get("/sant%C3%A9").json()["status"] == "ok"
+    assert downstream.paths == []
+
+
+@pytest.mark.parametrize(
+    "path", ["healthz", "", " /healthz", "http://127.0.0.1/healthz", b"/healthz", 5, ["/h"]]
+)
+def test_bad_health_path_is_refused(broker: CredentialBroker, path: Any) -> None:
+    with pytest.raises(ValueError, match="health_path"):
+        CredentialsMiddleware(
+            Downstream(), broker=broker, resolve_role=resolve_role, health_path=path
+        )
+
+
+def test_health_path_cannot_hide_an_oidc_document(broker: CredentialBroker) -> None:
+    for path in (ISSUER_JWKS, ISSUER_DISCOVERY):
+        with pytest.raises(ValueError, match=r"health_path.*OIDC document"):
+            CredentialsMiddleware(
+                Downstream(), broker=broker, resolve_role=resolve_role, health_path=path
+            )

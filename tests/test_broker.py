@@ -12,7 +12,9 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import re
+import socket
 import sys
 import threading
 import time
@@ -22,7 +24,7 @@ from typing import Any
 import jwt
 import pytest
 
-from servers.clock import FakeClock
+from servers.clock import FakeClock, Skewed
 from servers.sts import StrictSTS
 from stscreds import (
     CredentialBroker,
@@ -32,7 +34,9 @@ from stscreds import (
     SigningKey,
     STSUnavailable,
 )
+from stscreds._broker import HEALTH_WINDOW
 from stscreds._cache import MANDATORY_WINDOW, MIN_REFRESH_INTERVAL, advisory_window
+from stscreds._metrics import METRICS, ROLE_METRIC
 from stscreds.stores import MemoryStore, StoreCipher, generate_key
 
 ROLE = "arn:aws:iam::123456789012:role/app/reader"
@@ -1082,3 +1086,603 @@ async def test_context_manager_cancels_in_flight_exchanges(
     with pytest.raises(asyncio.CancelledError):
         await getter
     strict_sts.release()
+
+
+# -- metrics() and health() ----------------------------------------------------------------
+
+
+def success_rows(value: int, trigger: str = "request") -> dict[str, Any]:
+    return {"trigger": trigger, "outcome": "success", "code": "", "value": value}
+
+
+def sts_calls(assume: int, probes: int = 0) -> list[dict[str, Any]]:
+    return [
+        {"operation": "AssumeRoleWithWebIdentity", "value": assume},
+        {"operation": "GetCallerIdentity", "value": probes},
+    ]
+
+
+def exchange_events(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.name == "stscreds" and r.levelno == logging.INFO and r.msg.startswith("exchange for")
+    ]
+
+
+@pytest.fixture
+def refusing_port() -> Any:
+    """A loopback port bound but not listening: every connection to it is refused."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+async def test_metrics_after_a_single_flight_burst_hits_and_misses(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock)
+    role = Role(ROLE, subject="burst")
+    burst = 25
+    strict_sts.hang = True
+    getters = [asyncio.create_task(broker.get(role)) for _ in range(burst)]
+    await sts_has_calls(strict_sts, 1)
+    held = broker.metrics()
+    assert held["misses_total"] == burst
+    assert held["singleflight_joins_total"] == burst - 1
+    assert held["inflight_exchanges"] == 1
+    assert broker.health()["inflight_exchanges"] == 1
+    assert held["exchanges_total"] == []  # counted when it ends
+    assert held["exchange_duration_seconds"]["count"] == 0
+    assert held["request_wait_seconds"]["count"] == 0
+    assert held["cached_identities"] == 0
+    strict_sts.release()
+    results = await asyncio.gather(*getters)
+    assert all(r is results[0] for r in results)
+
+    for _ in range(7):
+        assert await broker.get(role) is results[0]
+    for subject in ("m1", "m2", "m3"):
+        await broker.get(Role(ROLE, subject=subject))
+
+    metrics = broker.metrics()
+    assert metrics["l1_hits_total"] == 7
+    assert metrics["misses_total"] == burst + 3
+    assert metrics["singleflight_joins_total"] == burst - 1
+    assert metrics["background_refreshes_total"] == 0
+    assert metrics["negative_cache_hits_total"] == 0
+    assert metrics["exchanges_total"] == [success_rows(4)]
+    assert metrics["sts_calls_total"] == sts_calls(4)
+    assert strict_sts.calls == 4
+    # Every miss waited (the burst for the one exchange), each exchange took some time.
+    assert metrics["request_wait_seconds"]["count"] == burst + 3
+    assert metrics["request_wait_seconds"]["buckets"][-1] == [math.inf, burst + 3]
+    assert metrics["exchange_duration_seconds"]["count"] == 4
+    assert metrics["exchange_duration_seconds"]["sum"] > 0
+    assert metrics["role_exchanges_total"] == [
+        {"role_arn": ROLE, "outcome": "success", "code": "", "value": 4}
+    ]
+    assert metrics["cached_identities"] == 4
+    assert metrics["inflight_exchanges"] == 0
+    assert metrics["mandatory_window_identities"] == 0
+    assert metrics["sts_throttled_total"] == 0
+    assert metrics["sts_budget_refusals_total"] == 0
+    assert metrics["sts_budget_limited"] == 0
+
+
+async def test_metrics_of_a_rejected_exchange_and_the_negative_cache(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock)
+    strict_sts.reject_roles.add(OTHER_ROLE)
+    with pytest.raises(CredentialsRejected):
+        await broker.get(Role(OTHER_ROLE))
+    first = broker.metrics()
+    rejected = {"trigger": "request", "outcome": "rejected", "code": "AccessDenied", "value": 1}
+    assert first["exchanges_total"] == [rejected]
+    assert first["negative_cache_hits_total"] == 0
+    assert first["request_wait_seconds"]["count"] == 1
+
+    with pytest.raises(CredentialsRejected):
+        await broker.get(Role(OTHER_ROLE))
+    again = broker.metrics()
+    assert again["negative_cache_hits_total"] == 1
+    assert again["misses_total"] == 2
+    assert again["request_wait_seconds"]["count"] == 1  # answered at once, no wait
+    assert again["exchanges_total"] == [rejected]
+    assert again["exchange_duration_seconds"]["count"] == 1
+    assert again["sts_calls_total"] == sts_calls(1)
+    assert again["role_exchanges_total"] == [
+        {"role_arn": OTHER_ROLE, "outcome": "rejected", "code": "AccessDenied", "value": 1}
+    ]
+    assert again["cached_identities"] == 0
+
+    # And one success of another role: both rows, sorted by their labels.
+    await broker.get(Role(ROLE))
+    assert broker.metrics()["exchanges_total"] == [rejected, success_rows(1)]
+
+
+async def test_background_refresh_is_counted_with_its_trigger(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="stscreds")
+    broker = make_broker(clock=clock)
+    role = Role(ROLE)
+    first = await broker.get(role)
+    clock.set(first.expiration.timestamp() - 600)  # in the advisory window, past any jitter
+    assert await broker.get(role) is first
+    (refresh,) = broker._inflight.values()
+    assert broker.metrics()["inflight_exchanges"] == 1
+    await refresh
+    metrics = broker.metrics()
+    assert metrics["background_refreshes_total"] == 1
+    assert metrics["exchanges_total"] == [success_rows(1, "background"), success_rows(1)]
+    assert metrics["l1_hits_total"] == 1
+    assert metrics["misses_total"] == 1
+    assert metrics["request_wait_seconds"]["count"] == 1  # nobody waited for the refresh
+    assert metrics["exchange_duration_seconds"]["count"] == 2
+    assert metrics["sts_calls_total"] == sts_calls(2)
+    assert [(r.trigger, r.waiters) for r in exchange_events(caplog)] == [  # type: ignore[attr-defined]
+        ("request", 1),
+        ("background", 0),
+    ]
+
+
+async def test_cache_gauges_follow_the_clock(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock)
+    empty = broker.metrics()
+    assert empty["cached_identities"] == 0
+    assert empty["mandatory_window_identities"] == 0
+    assert empty["soonest_expiry_seconds"] == math.inf  # nothing cached
+    assert empty["clock_offset_seconds"] == 0.0  # STS not heard yet
+
+    long, short = Role(ROLE, duration_seconds=3600), Role(OTHER_ROLE, duration_seconds=900)
+    await broker.get(long)
+    await broker.get(short)
+    long_entry = broker._cache[broker.identity_key(long)]
+    short_entry = broker._cache[broker.identity_key(short)]
+    metrics = broker.metrics()
+    assert metrics["cached_identities"] == 2
+    assert metrics["mandatory_window_identities"] == 0
+    assert metrics["soonest_expiry_seconds"] == short_entry.expires_at - clock.time()
+    assert 898 <= metrics["soonest_expiry_seconds"] <= 900
+    # STS's Date header (whole seconds, read as the middle of its second) on the same clock.
+    assert metrics["clock_offset_seconds"] == broker.sts_clock.offset == 0.5
+
+    clock.set(short_entry.mandatory_at)
+    metrics = broker.metrics()
+    assert metrics["mandatory_window_identities"] == 1
+    assert metrics["soonest_expiry_seconds"] == MANDATORY_WINDOW
+    health = broker.health()
+    assert health["mandatory_window_identities"] == 1
+    assert health["cached_identities"] == 2
+    # The next request for it refreshes; nothing is wrong yet.
+    assert (health["status"], health["reasons"]) == ("ok", [])
+
+    # Up to serve_until the entry counts; from there on nothing can be served from it.
+    clock.set(short_entry.serve_until - 0.001)
+    assert broker.metrics()["cached_identities"] == 2
+    clock.set(short_entry.serve_until)
+    metrics = broker.metrics()
+    assert metrics["cached_identities"] == 1
+    assert metrics["mandatory_window_identities"] == 0
+    assert metrics["soonest_expiry_seconds"] == long_entry.expires_at - clock.time()
+    assert broker.health()["cached_identities"] == 1
+    assert len(broker._cache) == 2  # still held, only not counted
+
+    clock.set(long_entry.mandatory_at)
+    metrics = broker.metrics()
+    assert metrics["mandatory_window_identities"] == 1
+    assert metrics["soonest_expiry_seconds"] == MANDATORY_WINDOW
+    clock.set(long_entry.serve_until)
+    metrics = broker.metrics()
+    assert (metrics["cached_identities"], metrics["mandatory_window_identities"]) == (0, 0)
+    assert metrics["soonest_expiry_seconds"] == math.inf
+    assert strict_sts.calls == 2
+
+
+async def test_clock_offset_of_a_skewed_sts(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    strict_sts.clock = Skewed(clock, 120.0)  # STS's clock two minutes ahead of ours
+    broker = make_broker(clock=clock)
+    await broker.get(Role(ROLE))
+    offset = broker.metrics()["clock_offset_seconds"]
+    assert offset == broker.sts_clock.offset
+    assert 120.0 <= offset <= 121.0
+    health = broker.health()
+    assert health["status"] == "degraded"
+    assert health["clock"] == {"known": True, "offset_seconds": offset}
+    (reason,) = health["reasons"]
+    assert re.fullmatch(r"local clock is \+12[01]s off STS's: check NTP", reason)
+
+
+async def test_clock_offset_is_zero_while_sts_sends_no_date(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    strict_sts.clock = Skewed(clock, 120.0)
+    strict_sts.send_date = False
+    broker = make_broker(clock=clock)
+    await broker.get(Role(ROLE))
+    assert broker.metrics()["clock_offset_seconds"] == 0.0
+    assert broker.health()["clock"] == {"known": False, "offset_seconds": 0.0}
+    assert broker.health()["status"] == "ok"
+
+
+async def test_store_metrics_with_a_memory_store(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    store = MemoryStore(encryption_keys=[generate_key()])
+    role = Role(ROLE, subject="shared")
+    writer = make_broker(clock=clock, store=store)
+    await writer.get(role)
+
+    def one(value: int) -> list[dict[str, Any]]:
+        return [{"store": "memory", "value": value}]
+
+    def ops(*rows: tuple[str, int]) -> list[dict[str, Any]]:
+        return [{"store": "memory", "operation": op, "outcome": "ok", "value": n} for op, n in rows]
+
+    metrics = writer.metrics()
+    assert metrics["store_hits_total"] == one(0)
+    assert metrics["store_leases_total"] == one(1)
+    assert metrics["store_waits_total"] == one(0)
+    assert metrics["store_rejected_values_total"] == one(0)
+    assert metrics["store_breaker_openings_total"] == one(0)
+    assert metrics["store_breaker_open"] == one(0)
+    # Read, lease, read again under the lease, exchange, put, release, wake the waiters.
+    assert metrics["store_operations_total"] == ops(
+        ("acquire", 1), ("get", 2), ("notify", 1), ("put", 1), ("release", 1)
+    )
+    assert metrics["exchanges_total"] == [success_rows(1)]
+
+    reader = make_broker(clock=clock, store=store)
+    await reader.get(role)
+    metrics = reader.metrics()
+    assert metrics["store_hits_total"] == one(1)
+    assert metrics["store_leases_total"] == one(0)
+    assert metrics["store_operations_total"] == ops(("get", 1))
+    assert metrics["exchanges_total"] == []
+    # No exchange, but one clock probe before judging the stored value's expiry.
+    assert metrics["sts_calls_total"] == sts_calls(0, probes=1)
+    assert metrics["cached_identities"] == 1
+    assert strict_sts.calls == 1
+    health = reader.health()
+    assert health["store"] == {"kind": "memory", "breaker_open": False}
+    assert health["status"] == "ok"
+
+
+async def test_store_metrics_are_empty_lists_without_a_store(
+    make_broker: Callable[..., CredentialBroker], clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock)
+    await broker.get(Role(ROLE))
+    metrics = broker.metrics()
+    store_names = {spec.name for spec in METRICS if spec.name.startswith("store_")}
+    assert len(store_names) == 7
+    assert {name: metrics[name] for name in store_names} == {name: [] for name in store_names}
+    assert broker.health()["store"] is None
+
+
+async def test_metrics_keys_are_the_catalogue(
+    make_broker: Callable[..., CredentialBroker], clock: FakeClock
+) -> None:
+    expected = {spec.name for spec in METRICS} | {ROLE_METRIC.name}
+    assert ROLE_METRIC.name == "role_exchanges_total"
+    plain = make_broker(clock=clock)
+    shared = make_broker(clock=clock, store=MemoryStore(encryption_keys=[generate_key()]))
+    for broker in (plain, shared):
+        assert set(broker.metrics()) == expected
+        await broker.get(Role(ROLE))
+        assert set(broker.metrics()) == expected
+    for spec in METRICS:
+        value = shared.metrics()[spec.name]
+        if spec.kind == "histogram":
+            assert set(value) == {"buckets", "sum", "count"}
+        elif spec.labels:
+            assert isinstance(value, list)
+            assert all(set(row) == {*spec.labels, "value"} for row in value)
+        else:
+            assert isinstance(value, int | float), spec.name
+
+
+async def test_metrics_are_json_with_infinity_and_health_is_strict_json(
+    make_broker: Callable[..., CredentialBroker], clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock)
+    empty = broker.metrics()
+    # +Inf is in every histogram's last bucket (and in soonest_expiry_seconds when nothing is
+    # cached): json.dumps writes it as Infinity, which strict JSON has no word for.
+    text = json.dumps(empty)
+    assert '"soonest_expiry_seconds": Infinity' in text
+    assert json.loads(text) == empty
+    with pytest.raises(ValueError, match="Out of range float"):
+        json.dumps(empty, allow_nan=False)
+
+    await broker.get(Role(ROLE))
+    cached = broker.metrics()
+    assert math.isfinite(cached["soonest_expiry_seconds"])
+    assert json.loads(json.dumps(cached)) == cached
+    assert cached["request_wait_seconds"]["buckets"][-1][0] == math.inf
+    with pytest.raises(ValueError, match="Out of range float"):
+        json.dumps(cached, allow_nan=False)
+    health = broker.health()
+    assert json.loads(json.dumps(health, allow_nan=False)) == health
+
+
+async def test_one_info_event_per_exchange_with_its_fields_and_no_secret(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="stscreds")
+    broker = make_broker(clock=clock)
+    role = Role(ROLE, subject="alice")
+    burst = 10
+    strict_sts.hang = True
+    getters = [asyncio.create_task(broker.get(role)) for _ in range(burst)]
+    await sts_has_calls(strict_sts, 1)
+    strict_sts.release()
+    credentials = (await asyncio.gather(*getters))[0]
+    # One retried after a throttle, one rejected.
+    strict_sts.fail_next(1, "Throttling", 400, "Rate exceeded")
+    await broker.get(Role(ROLE, subject="bob"))
+    strict_sts.reject_roles.add(OTHER_ROLE)
+    with pytest.raises(CredentialsRejected):
+        await broker.get(Role(OTHER_ROLE))
+    with pytest.raises(CredentialsRejected):
+        await broker.get(Role(OTHER_ROLE))  # remembered: no exchange, no event
+
+    events = exchange_events(caplog)
+    assert len(events) == 3 == broker.stats.exchanges
+    fields = (
+        "identity",
+        "role_arn",
+        "trigger",
+        "outcome",
+        "error_code",
+        "sts_message",
+        "duration_ms",
+        "attempts",
+        "waiters",
+    )
+    got = [{name: getattr(record, name) for name in fields} for record in events]
+    for event in got:
+        assert re.fullmatch(r"[0-9a-f]{12}", event["identity"])
+        assert isinstance(event["duration_ms"], float) and event["duration_ms"] >= 0
+        del event["duration_ms"]
+    assert got[0] == {
+        "identity": broker.identity_key(role)[:12],
+        "role_arn": ROLE,
+        "trigger": "request",
+        "outcome": "success",
+        "error_code": None,
+        "sts_message": None,
+        "attempts": 1,
+        "waiters": burst,
+    }
+    assert got[1] == {
+        "identity": broker.identity_key(Role(ROLE, subject="bob"))[:12],
+        "role_arn": ROLE,
+        "trigger": "request",
+        "outcome": "success",
+        "error_code": None,
+        "sts_message": None,
+        "attempts": 2,
+        "waiters": 1,
+    }
+    assert got[2] == {
+        "identity": broker.identity_key(Role(OTHER_ROLE))[:12],
+        "role_arn": OTHER_ROLE,
+        "trigger": "request",
+        "outcome": "rejected",
+        "error_code": "AccessDenied",
+        "sts_message": "STS AccessDenied: Not authorized to perform sts:AssumeRoleWithWebIdentity",
+        "attempts": 1,
+        "waiters": 1,
+    }
+    assert "AccessDenied" in events[2].getMessage()
+
+    secrets = [credentials.secret_access_key, credentials.session_token]
+    for rec in strict_sts.requests:
+        token = rec.params["WebIdentityToken"]
+        secrets += [token, *token.split(".")[1:]]
+        if rec.credentials:
+            secrets += [rec.credentials["SecretAccessKey"], rec.credentials["SessionToken"]]
+    ours = [r for r in caplog.records if r.name == "stscreds"]
+    texts = [f"{name}={value!r}" for record in ours for name, value in vars(record).items()]
+    texts += [record.getMessage() for record in ours]
+    haystack = "\n".join(texts)
+    assert [s for s in secrets if s in haystack] == []
+    assert "eyJ" not in haystack
+
+
+async def test_health_ok_before_and_after_a_success(
+    make_broker: Callable[..., CredentialBroker], clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock)
+    assert broker.health() == {
+        "status": "ok",
+        "reasons": [],
+        "last_success_at": None,
+        "seconds_since_success": None,
+        "last_failure": None,
+        "clock": {"known": False, "offset_seconds": 0.0},
+        "store": None,
+        "cached_identities": 0,
+        "mandatory_window_identities": 0,
+        "inflight_exchanges": 0,
+    }
+    await broker.get(Role(ROLE))
+    health = broker.health()
+    assert health["status"] == "ok"
+    assert health["reasons"] == []
+    assert isinstance(health["last_success_at"], float)
+    assert health["seconds_since_success"] >= 0
+    assert health["clock"] == {"known": True, "offset_seconds": 0.5}
+    assert health["cached_identities"] == 1
+
+
+async def test_health_degraded_after_a_rejection_and_ok_after_a_success(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock)
+    await broker.get(Role(ROLE))
+    strict_sts.reject_roles.add(OTHER_ROLE)
+    with pytest.raises(CredentialsRejected):
+        await broker.get(Role(OTHER_ROLE))
+    health = broker.health()
+    assert health["status"] == "degraded"
+    assert health["reasons"] == ["last exchange failed: AccessDenied"]
+    failure = health["last_failure"]
+    assert isinstance(failure.pop("at"), float)
+    assert failure == {
+        "role_arn": OTHER_ROLE,
+        "outcome": "rejected",
+        "code": "AccessDenied",
+        "message": "STS AccessDenied: Not authorized to perform sts:AssumeRoleWithWebIdentity",
+    }
+    assert health["last_failure"] is not broker._last_failure  # a copy
+
+    await broker.get(Role(ROLE, subject="another"))
+    health = broker.health()
+    assert health["status"] == "ok"
+    assert health["reasons"] == []
+    assert health["last_failure"]["code"] == "AccessDenied"  # still reported, no longer a reason
+
+
+async def test_per_role_rejections_never_make_health_unavailable(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock)
+    strict_sts.reject_roles.add(OTHER_ROLE)
+    for i in range(5):
+        with pytest.raises(CredentialsRejected):
+            await broker.get(Role(OTHER_ROLE, subject=f"user-{i}"))
+    assert strict_sts.calls == 5
+    health = broker.health()
+    assert health["status"] == "degraded"
+    assert health["reasons"] == ["last exchange failed: AccessDenied"]
+    assert broker.metrics()["exchanges_total"] == [
+        {"trigger": "request", "outcome": "rejected", "code": "AccessDenied", "value": 5}
+    ]
+
+
+async def test_health_degraded_while_the_store_breaker_is_open(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock, store=BrokenStore())
+    assert broker.health()["store"] == {"kind": "broken", "breaker_open": False}
+    await broker.get(Role(ROLE))
+    health = broker.health()
+    assert health["status"] == "degraded"
+    assert health["store"] == {"kind": "broken", "breaker_open": True}
+    assert health["reasons"] == ["shared store unavailable: using STS directly"]
+    metrics = broker.metrics()
+    assert metrics["store_breaker_open"] == [{"store": "broken", "value": 1}]
+    assert metrics["store_breaker_openings_total"] == [{"store": "broken", "value": 1}]
+    # The first read failed and opened the breaker; the rest were skipped, not tried.
+    assert metrics["store_operations_total"] == [
+        {"store": "broken", "operation": "acquire", "outcome": "skipped", "value": 1},
+        {"store": "broken", "operation": "get", "outcome": "error", "value": 1},
+        {"store": "broken", "operation": "put", "outcome": "skipped", "value": 1},
+    ]
+    assert metrics["exchanges_total"] == [success_rows(1)]
+
+
+async def test_health_unavailable_after_three_short_grants_and_ok_after_a_success(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock, max_attempts=1)
+    strict_sts.expiration = lambda now, _requested: now + 10  # (nearly) expired on arrival
+    for i in range(3):
+        assert broker.health()["status"] == ("ok" if i == 0 else "degraded")
+        with pytest.raises(STSUnavailable):
+            await broker.get(Role(ROLE, subject=f"user-{i}"))
+    health = broker.health()
+    assert health["status"] == "unavailable"
+    assert health["reasons"][0].startswith(
+        "the last 3 exchanges failed: STS answered with credentials that had 10s left"
+    )
+    assert health["reasons"][1:] == ["last exchange failed: ShortGrant"]
+    assert broker.metrics()["exchanges_total"] == [
+        {"trigger": "request", "outcome": "unavailable", "code": "ShortGrant", "value": 3}
+    ]
+
+    strict_sts.expiration = None
+    await broker.get(Role(ROLE, subject="fine"))
+    health = broker.health()
+    assert health["status"] == "ok"
+    assert health["reasons"] == []
+    # One more process-wide failure after the success is not three.
+    strict_sts.expiration = lambda now, _requested: now + 10
+    with pytest.raises(STSUnavailable):
+        await broker.get(Role(ROLE, subject="again"))
+    assert broker.health()["status"] == "degraded"
+
+
+async def test_health_unavailable_while_sts_is_unreachable(
+    clock: FakeClock, refusing_port: int
+) -> None:
+    broker = CredentialBroker(
+        issuer=ISSUER,
+        signing_keys=[KEY],
+        sts_endpoint_url=f"http://127.0.0.1:{refusing_port}",
+        max_attempts=1,
+        connect_timeout=1.0,
+        clock=clock,
+    )
+    try:
+        for i in range(3):
+            with pytest.raises(STSUnavailable):
+                await broker.get(Role(ROLE, subject=f"user-{i}"))
+        health = broker.health()
+        assert health["status"] == "unavailable"
+        assert health["last_failure"]["code"] == "Unreachable"
+        assert broker.metrics()["exchanges_total"] == [
+            {"trigger": "request", "outcome": "unavailable", "code": "Unreachable", "value": 3}
+        ]
+        assert broker.metrics()["sts_calls_total"] == sts_calls(3)
+    finally:
+        await broker.aclose()
+
+
+@pytest.mark.parametrize("how", ["close", "aclose"])
+async def test_health_unavailable_once_closed(
+    make_broker: Callable[..., CredentialBroker], clock: FakeClock, how: str
+) -> None:
+    broker = make_broker(clock=clock)
+    await broker.get(Role(ROLE))
+    assert broker.health()["status"] == "ok"
+    if how == "close":
+        broker.close()
+    else:
+        await broker.aclose()
+    health = broker.health()
+    assert health["status"] == "unavailable"
+    assert health["reasons"] == ["credential broker is closed"]
+    assert health["cached_identities"] == 1  # hits are still served
+
+
+async def test_health_window_follows_the_brokers_clock(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    broker = make_broker(clock=clock, max_attempts=1)
+    strict_sts.expiration = lambda now, _requested: now + 10
+    for i in range(3):
+        with pytest.raises(STSUnavailable):
+            await broker.get(Role(ROLE, subject=f"user-{i}"))
+    assert broker.health()["status"] == "unavailable"
+    clock.advance(HEALTH_WINDOW + 1)  # three failures, but more than a minute ago
+    health = broker.health()
+    assert health["status"] == "degraded"
+    assert health["last_failure"]["at"] == T0

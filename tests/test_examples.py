@@ -270,3 +270,72 @@ def test_django_project(
     assert nobody.status_code == 403
     assert "lifespan" not in app.output.lower()
     assert_clean(app.output)
+
+
+# --- /metrics: the broker's figures in Prometheus' text format, on every example ---------------
+
+
+def prometheus_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus text exposition: (name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+METRICS_EXAMPLES = {
+    "starlette-uvicorn": (["uvicorn", "examples.starlette_app:app"], "X-Tenant", "acme"),
+    "fastapi-uvicorn": (["uvicorn", "examples.fastapi_app:app"], "X-Tenant", "acme"),
+    "flask-run": (["flask", "examples.flask_app"], "X-Tenant", "acme"),
+    "django-asgi-uvicorn": (
+        ["uvicorn", "examples.django_project.asgi:application"],
+        "X-User",
+        "alice",
+    ),
+    "django-wsgi-gunicorn": (
+        ["gunicorn", "examples.django_project.wsgi:application"],
+        "X-User",
+        "alice",
+    ),
+}
+
+
+@pytest.mark.parametrize("example", list(METRICS_EXAMPLES))
+def test_metrics_endpoint(
+    strict_sts: StrictSTS, example_env: dict[str, str], tmp_path: Path, example: str
+) -> None:
+    (server, target), header, user = METRICS_EXAMPLES[example]
+    port = port_of(example_env)
+    if server == "uvicorn":
+        command = uvicorn(target, port)
+    elif server == "gunicorn":
+        command = gunicorn(target, port, "--workers", "1", "--threads", "4")
+    else:
+        command = [sys.executable, "-m", "flask", "--app", target, "run"]
+        command += ["--host", "127.0.0.1", "--port", port]
+    if target.startswith("examples.django_project"):
+        django_tenants(example_env)
+    with running(command, example_env, tmp_path) as app:
+        before = app.get("/metrics")
+        first = app.get("/whoami", **{header: user})  # a miss: one exchange
+        second = app.get("/whoami", **{header: user})  # a hit
+        after = app.get("/metrics")
+    assert first.status_code == second.status_code == 200
+    assert strict_sts.calls_for(ACME_ARN) == 1
+    assert before.status_code == after.status_code == 200
+    assert after.headers["content-type"].startswith("text/plain")
+    # Before any credentialed request: the series exist, at zero.
+    assert prometheus_samples(before.text)[("stscreds_l1_hits_total", frozenset())] == 0
+    assert "stscreds_exchanges_total{" not in before.text
+    samples = prometheus_samples(after.text)
+    assert samples[("stscreds_l1_hits_total", frozenset())] >= 1
+    assert samples[("stscreds_misses_total", frozenset())] == 1
+    success = frozenset({"trigger": "request", "outcome": "success", "code": ""}.items())
+    assert samples[("stscreds_exchanges_total", success)] == 1
+    assert samples[("stscreds_cached_identities", frozenset())] == 1
+    assert samples[("stscreds_request_wait_seconds_count", frozenset())] == 1
+    assert "eyJ" not in after.text
+    assert_clean(app.output)

@@ -214,6 +214,41 @@ async def test_a_miss_makes_one_client_span_and_a_hit_none(
     assert_no_secret(exporter.get_finished_spans(), strict_sts)
 
 
+async def test_the_exchange_span_is_a_child_of_the_first_callers_span(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    spans: tuple[TracerProvider, InMemorySpanExporter],
+    instrumentations: list[Instrumentation],
+) -> None:
+    provider, exporter = spans
+    broker = make_broker()
+    instrumentations.append(instrument(broker, tracer_provider=provider))
+    tracer = provider.get_tracer("app")
+    strict_sts.hang = True
+    role = Role(ROLE)
+
+    async def request(name: str) -> None:
+        with tracer.start_as_current_span(name):
+            await broker.get(role)
+
+    first = asyncio.ensure_future(request("first request"))
+    assert await asyncio.to_thread(strict_sts.wait_for_calls, 1, 15.0)
+    second = asyncio.ensure_future(request("second request"))
+    for _ in range(1000):  # until the second caller has joined the exchange in flight
+        if broker.stats.joins:
+            break
+        await asyncio.sleep(0)
+    strict_sts.release()
+    await asyncio.gather(first, second)
+
+    finished = {span.name: span for span in exporter.get_finished_spans()}
+    exchange = finished[EXCHANGE_SPAN]
+    assert exchange.parent is not None
+    assert exchange.parent.span_id == finished["first request"].context.span_id
+    assert len(exchange_spans(exporter)) == 1  # the joining caller started none
+    assert broker.stats.joins == 1
+
+
 async def test_attempts_count_the_retries_of_one_exchange(
     make_broker: Callable[..., CredentialBroker],
     strict_sts: StrictSTS,

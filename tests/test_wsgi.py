@@ -581,3 +581,179 @@ def test_timeout_defaults_to_the_brokers_request_timeout(
     broker = make_broker(request_timeout=7.0)
     assert make_middleware(broker=broker).timeout == 8.0
     assert make_middleware(broker=broker, timeout=2.0).timeout == 2.0
+
+
+# --- health endpoint ---------------------------------------------------------------------------
+
+HEALTH_KEYS = {
+    "status",
+    "reasons",
+    "last_success_at",
+    "seconds_since_success",
+    "last_failure",
+    "clock",
+    "store",
+    "cached_identities",
+    "mandatory_window_identities",
+    "inflight_exchanges",
+}
+
+
+def counting(resolver: Callable[[dict[str, Any]], Role | None]) -> Any:
+    def resolve(environ: dict[str, Any]) -> Role | None:
+        resolve.calls += 1  # type: ignore[attr-defined]
+        return resolver(environ)
+
+    resolve.calls = 0  # type: ignore[attr-defined]
+    return resolve
+
+
+def assert_health_headers(response: Any) -> None:
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.headers["Cache-Control"] == "no-store"
+    assert "ETag" not in response.headers
+
+
+def test_health_endpoint_answers_the_brokers_health(
+    strict_sts: StrictSTS, make_middleware: Any
+) -> None:
+    middleware = make_middleware(health_path="/healthz")
+    client = Client(middleware)
+    fresh = client.get("/healthz")
+    assert fresh.status_code == 200
+    assert_health_headers(fresh)
+    assert set(fresh.json) == HEALTH_KEYS
+    assert fresh.json == middleware.broker.health()
+    assert fresh.json["status"] == "ok"
+
+    assert client.get("/", headers={"X-Tenant": "a"}).status_code == 200
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert_health_headers(response)
+    assert int(response.headers["Content-Length"]) == len(response.data)
+    health = response.json
+    assert health["status"] == "ok"
+    assert health["reasons"] == []
+    assert health["cached_identities"] == 1
+    assert health["clock"]["known"] is True
+
+    head = client.head("/healthz")
+    assert head.status_code == 200
+    assert head.data == b""
+    assert_health_headers(head)
+    assert int(head.headers["Content-Length"]) > 0
+    assert strict_sts.calls == 1
+
+
+def test_health_endpoint_over_http(make_middleware: Any, wsgi_server: Any) -> None:
+    base = wsgi_server(make_middleware(health_path="/healthz"))
+    response = httpx.get(base + "/healthz")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["status"] == "ok"
+
+
+def test_health_endpoint_needs_no_role_and_calls_no_resolver(
+    strict_sts: StrictSTS, make_middleware: Any
+) -> None:
+    resolver = counting(tenant_role)
+    client = Client(make_middleware(resolve_role=resolver, health_path="/healthz"))
+    assert client.get("/healthz", headers={"X-Tenant": "a"}).status_code == 200
+    assert client.head("/healthz").status_code == 200
+    post = client.post("/healthz")
+    assert post.status_code == 405
+    assert {m.strip() for m in post.headers["Allow"].split(",")} == {"GET", "HEAD"}
+    assert resolver.calls == 0
+    assert strict_sts.calls == 0
+    # Only that exact path: the others reach the resolver and the app.
+    for path in ("/healthz/", "/healthz/x", "/HEALTHZ", "/health"):
+        response = client.get(path)
+        assert response.status_code == 200
+        assert response.data == b"none"
+    assert resolver.calls == 4
+
+
+@pytest.mark.parametrize("how", ["close", "aclose"])
+def test_health_endpoint_is_503_once_the_broker_is_closed(
+    make_broker: Callable[..., CredentialBroker], make_middleware: Any, how: str
+) -> None:
+    broker = make_broker()
+    client = Client(make_middleware(broker=broker, health_path="/healthz"))
+    assert client.get("/healthz").status_code == 200
+    if how == "close":
+        broker.close()
+    else:
+        asyncio.run(broker.aclose())  # nothing in flight: any loop will do
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    assert_health_headers(response)
+    assert response.json["status"] == "unavailable"
+    assert response.json["reasons"] == ["credential broker is closed"]
+    head = client.head("/healthz")
+    assert head.status_code == 503
+    assert head.data == b""
+
+
+def any_tenant_role(environ: dict[str, Any]) -> Role | None:
+    tenant = environ.get("HTTP_X_TENANT")
+    return Role(f"arn:aws:iam::123456789012:role/tenant-{tenant}") if tenant else None
+
+
+def test_health_endpoint_is_503_after_three_short_grants(
+    strict_sts: StrictSTS, make_middleware: Any
+) -> None:
+    strict_sts.expiration = lambda now, _requested: now + 10  # (nearly) expired on arrival
+    client = Client(make_middleware(resolve_role=any_tenant_role, health_path="/healthz"))
+    for tenant in ("a", "b", "c"):
+        assert client.get("/", headers={"X-Tenant": tenant}).status_code == 503
+    down = client.get("/healthz")
+    assert down.status_code == 503
+    assert down.json["status"] == "unavailable"
+    assert down.json["last_failure"]["code"] == "ShortGrant"
+    strict_sts.expiration = None
+    assert client.get("/", headers={"X-Tenant": "d"}).status_code == 200
+    up = client.get("/healthz")
+    assert up.status_code == 200
+    assert up.json["status"] == "ok"
+    assert strict_sts.calls == 4
+
+
+def test_health_endpoint_is_off_by_default(strict_sts: StrictSTS, make_middleware: Any) -> None:
+    resolver = counting(tenant_role)
+    response = Client(make_middleware(resolve_role=resolver)).get("/healthz")
+    assert response.status_code == 200
+    assert response.data == b"none"  # the app answered
+    assert resolver.calls == 1
+
+
+def test_health_endpoint_without_the_oidc_documents(make_middleware: Any) -> None:
+    client = Client(make_middleware(serve_oidc=False, health_path="/issuer/.well-known/jwks.json"))
+    assert client.get("/issuer/.well-known/jwks.json").json["status"] == "ok"
+    assert client.get("/issuer/.well-known/openid-configuration").data == b"none"
+
+
+def test_health_endpoint_at_a_non_ascii_path(make_middleware: Any) -> None:
+    client = Client(make_middleware(health_path="/sant\u00e9"))
+    assert client.get("/sant%C3%A9").json["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    "path", ["healthz", "", " /healthz", "http://127.0.0.1/healthz", b"/healthz", 5, ["/h"]]
+)
+def test_bad_health_path_is_refused(
+    make_broker: Callable[..., CredentialBroker], path: Any
+) -> None:
+    with pytest.raises(ValueError, match="health_path"):
+        CredentialsWSGIMiddleware(
+            echo_app, broker=make_broker(), resolve_role=tenant_role, health_path=path
+        )
+
+
+def test_health_path_cannot_hide_an_oidc_document(
+    make_broker: Callable[..., CredentialBroker],
+) -> None:
+    for path in ("/issuer/.well-known/jwks.json", "/issuer/.well-known/openid-configuration"):
+        with pytest.raises(ValueError, match=r"health_path.*OIDC document"):
+            CredentialsWSGIMiddleware(
+                echo_app, broker=make_broker(), resolve_role=tenant_role, health_path=path
+            )

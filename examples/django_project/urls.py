@@ -5,4 +5,5 @@ from examples.django_project import views
 urlpatterns = [
     path("whoami", views.whoami),
     path("objects", views.objects),
+    path("metrics", views.metrics),
 ]

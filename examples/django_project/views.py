@@ -1,7 +1,8 @@
 """Views: the request's credentials via stscreds.django, S3 via stscreds.aws."""
 
 from django.conf import settings
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from examples.django_project.tenants.models import TenantRole
 from stscreds.aws import client
@@ -30,3 +31,9 @@ def objects(request: HttpRequest) -> JsonResponse:
     listed = s3.list_objects_v2(Bucket=tenant.bucket)
     keys = [item["Key"] for item in listed.get("Contents", [])]
     return JsonResponse({"bucket": tenant.bucket, "keys": keys})
+
+
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Every metric of the default registry, stscreds_* included (Prometheus text format);
+    asgi.py and wsgi.py register the broker's collector."""
+    return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)

@@ -8,7 +8,7 @@ import inspect
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any, Literal
 from urllib.parse import unquote_to_bytes, urlsplit
 
@@ -141,6 +141,11 @@ class CredentialsMiddleware:
     answers the lifespan protocol itself for Django's ASGIHandler (which cannot) and forwards
     it to any other app; "on" always answers it; "pass" always forwards it.
     ``close_broker=True`` closes the broker at lifespan shutdown (for a broker this app owns).
+
+    ``health_path`` (off by default; a path such as ``"/healthz"``): a GET or HEAD to exactly
+    that path answers ``broker.health()`` as JSON, 200 unless its status is "unavailable"
+    (then 503), before any role is resolved, like the OIDC documents. It names the role ARN
+    and STS message of the last failed exchange: serve it where only probes can reach it.
     """
 
     def __init__(
@@ -156,6 +161,7 @@ class CredentialsMiddleware:
         warm_up: Iterable[Role] = (),
         lifespan: Lifespan = "auto",
         close_broker: bool = False,
+        health_path: str | None = None,
     ) -> None:
         if not isinstance(broker, CredentialBroker):
             raise TypeError("broker: must be a CredentialBroker")
@@ -164,6 +170,7 @@ class CredentialsMiddleware:
         if not isinstance(state_key, str) or not state_key:
             raise ValueError("state_key: must be a non-empty string")
         documents = oidc_documents(broker, oidc_max_age)
+        check_health_path(health_path, documents if serve_oidc else {})
         if lifespan not in ("auto", "on", "pass"):
             raise ValueError('lifespan: must be "auto", "on" or "pass"')
         self.app = app
@@ -180,12 +187,15 @@ class CredentialsMiddleware:
         self._resolve_is_async = inspect.iscoroutinefunction(
             resolve_role
         ) or inspect.iscoroutinefunction(getattr(resolve_role, "__call__", None))  # noqa: B004
-        # ASGI servers hand the app the path percent-decoded as UTF-8.
-        self._documents: dict[str, tuple[bytes, list[tuple[bytes, bytes]]]] = (
+        # ASGI servers hand the app the path percent-decoded as UTF-8. The health path is in
+        # the same dict (value None), so requests pay one lookup for all of them.
+        self._documents: dict[str, tuple[bytes, list[tuple[bytes, bytes]]] | None] = (
             {path.decode("utf-8", "replace"): doc for path, doc in documents.items()}
             if serve_oidc
             else {}
         )
+        if health_path is not None:
+            self._documents[health_path] = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -315,7 +325,7 @@ class CredentialsMiddleware:
         await send({"type": "http.response.body", "body": MISCONFIGURED_BODY})
 
     async def _serve_document(self, scope: Scope, send: Send) -> None:
-        body, headers = self._documents[scope["path"]]
+        document = self._documents[scope["path"]]
         method = scope["method"]
         if method not in ("GET", "HEAD"):
             await send(
@@ -327,6 +337,17 @@ class CredentialsMiddleware:
             )
             await send({"type": "http.response.body", "body": b""})
             return
+        if document is None:  # the health path
+            status, body = health_response(self.broker)
+            health_headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+            ]
+            await send({"type": "http.response.start", "status": status, "headers": health_headers})
+            await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+            return
+        body, headers = document
         etag = headers[-1][1]
         status = 200
         for name, value in scope.get("headers", ()):
@@ -334,6 +355,23 @@ class CredentialsMiddleware:
                 status, body = 304, b""
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+
+
+def check_health_path(path: object, documents: Mapping[bytes, object]) -> None:
+    """ValueError naming ``health_path`` unless ``path`` is None or a path of its own."""
+    if path is None:
+        return
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ValueError('health_path: must be None or a path starting with "/"')
+    if path.encode("utf-8", "surrogatepass") in documents:
+        raise ValueError(f"health_path: {path!r} is where an OIDC document is served")
+
+
+def health_response(broker: CredentialBroker) -> tuple[int, bytes]:
+    """The health endpoint's status and JSON body: ``broker.health()``, 503 if unavailable."""
+    health = broker.health()
+    status = 503 if health["status"] == "unavailable" else 200
+    return status, json.dumps(health, separators=(",", ":")).encode()
 
 
 def oidc_documents(

@@ -296,6 +296,7 @@ class CredentialBroker:
         # (time, code label) of recent process-wide failures, for health().
         self._recent_failures: deque[tuple[float, str]] = deque(maxlen=HEALTH_FAILURES)
         self._last_failure: dict[str, Any] | None = None
+        self._failed_since_success = False
         self._warnings = _WarningSummary()
         # gunicorn --preload and multiprocessing fork a process that already made a broker.
         os.register_at_fork(after_in_child=partial(_reset_in_child, weakref.ref(self)))
@@ -699,11 +700,13 @@ class CredentialBroker:
         counts[trigger, outcome, code] = counts.get((trigger, outcome, code), 0) + 1
         stats.roles.add(role.arn, outcome, code)
         stats.exchange_duration.observe(duration)
-        wall = time.time()
+        wall = self._now()
         if error is None:
             self._last_success = wall
+            self._failed_since_success = False
             self._recent_failures.clear()
         else:
+            self._failed_since_success = True
             self._last_failure = {
                 "at": wall,
                 "role_arn": role.arn,
@@ -833,7 +836,9 @@ class CredentialBroker:
         """
         stats = self.stats
         now = self._now()
-        entries = list(self._entries.values())
+        # Entries past serve_until stay in the cache until evicted or refreshed, but nothing
+        # can be served from them: an idle tenant's expired credentials are not "cached".
+        entries = [e for e in list(self._entries.values()) if now < e.serve_until]
         budget = self._exchanger.budget
         soonest = min((entry.expires_at for entry in entries), default=math.inf) - now
         snapshot: dict[str, Any] = {
@@ -878,9 +883,8 @@ class CredentialBroker:
         or the last 3 exchanges within a minute failed for a reason no role can escape - the
         issuer, the clock, the network - with no success since). ``reasons`` says why.
         """
-        now_wall = time.time()
-        now = self._now()
-        entries = list(self._entries.values())
+        now = now_wall = self._now()
+        entries = [e for e in list(self._entries.values()) if now < e.serve_until]
         mandatory = sum(1 for e in entries if now >= e.mandatory_at)
         reasons: list[str] = []
         status = "ok"
@@ -892,12 +896,8 @@ class CredentialBroker:
         offset = self.sts_clock.offset if self.sts_clock.known else 0.0
         if abs(offset) > CLOCK_OFFSET_WARNING:
             reasons.append(f"local clock is {offset:+.0f}s off STS's: check NTP")
-        if mandatory:
-            reasons.append(f"{mandatory} cached identities need a refresh before use")
         failure = self._last_failure
-        if failure is not None and (
-            self._last_success is None or failure["at"] > self._last_success
-        ):
+        if failure is not None and self._failed_since_success:
             reasons.append(f"last exchange failed: {failure['code']}")
         if reasons:
             status = "degraded"

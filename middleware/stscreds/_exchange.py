@@ -460,6 +460,8 @@ class StsExchanger:
 class BudgetRefused(STSUnavailable):
     """The STS budget held the call back (STS throttled lately); it never reached STS."""
 
+    reason = "BudgetRefused"
+
 
 class _Refused(Exception):
     """The STS budget held a call back; ``wait``: seconds until it may go."""

@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ._asgi import (
     MISCONFIGURED_BODY,
     ResolverCheck,
+    check_health_path,
     error_body,
+    health_response,
     oidc_documents,
     retry_after_header,
     run_warm_up,
@@ -62,6 +64,11 @@ class CredentialsWSGIMiddleware:
     ``request_timeout``, which ends the wait first, plus one second). Safe across ``fork``
     (gunicorn ``--preload``): a child starts its own event loop and keeps the parent's cached
     credentials.
+
+    ``health_path`` (off by default; a path such as ``"/healthz"``): a GET or HEAD to exactly
+    that path answers ``broker.health()`` as JSON, 200 unless its status is "unavailable"
+    (then 503), before any role is resolved, like the OIDC documents. It names the role ARN
+    and STS message of the last failed exchange: serve it where only probes can reach it.
     """
 
     def __init__(
@@ -76,6 +83,7 @@ class CredentialsWSGIMiddleware:
         timeout: float | None = None,
         serve_oidc: bool = True,
         oidc_max_age: int = 300,
+        health_path: str | None = None,
     ) -> None:
         if not isinstance(broker, CredentialBroker):
             raise TypeError("broker: must be a CredentialBroker")
@@ -90,6 +98,7 @@ class CredentialsWSGIMiddleware:
         ):
             raise ValueError("timeout: must be None or a positive number of seconds")
         documents = oidc_documents(broker, oidc_max_age)
+        check_health_path(health_path, documents if serve_oidc else {})
         self.app = wsgi_app
         self.broker = broker
         self.resolve_role = resolve_role
@@ -104,7 +113,8 @@ class CredentialsWSGIMiddleware:
         self._loop = _loop_for(broker)
         self._closed = False
         # WSGI paths are decoded bytes as latin-1 text: match the issuer's path the same way.
-        self._documents: dict[str, tuple[bytes, list[tuple[str, str]]]] = (
+        # The health path is in the same dict (value None): one lookup for all of them.
+        self._documents: dict[str, tuple[bytes, list[tuple[str, str]]] | None] = (
             {
                 path.decode("latin-1"): (body, [(k.decode(), v.decode()) for k, v in headers])
                 for path, (body, headers) in documents.items()
@@ -112,6 +122,8 @@ class CredentialsWSGIMiddleware:
             if serve_oidc
             else {}
         )
+        if health_path is not None:
+            self._documents[health_path.encode("utf-8", "surrogatepass").decode("latin-1")] = None
         self._warm_up: concurrent.futures.Future[int] | None = None
         if self.warm_up:
             self._warm_up = self._loop.submit(run_warm_up, broker, self.warm_up)
@@ -225,11 +237,23 @@ class CredentialsWSGIMiddleware:
     def _serve_document(
         self, path: str, environ: WSGIEnvironment, start_response: StartResponse
     ) -> Iterable[bytes]:
-        body, headers = self._documents[path]
+        document = self._documents[path]
         method = environ.get("REQUEST_METHOD")
         if method not in ("GET", "HEAD"):
             start_response(_status_line(405), [("Allow", "GET, HEAD"), ("Content-Length", "0")])
             return [b""]
+        if document is None:  # the health path
+            status, health = health_response(self.broker)
+            start_response(
+                _status_line(status),
+                [
+                    ("Content-Type", "application/json"),
+                    ("Content-Length", str(len(health))),
+                    ("Cache-Control", "no-store"),
+                ],
+            )
+            return [b"" if method == "HEAD" else health]
+        body, headers = document
         etag = headers[-1][1]
         if_none_match = environ.get("HTTP_IF_NONE_MATCH", "")
         # RFC 9110: "*" matches any current representation, as does our own ETag.

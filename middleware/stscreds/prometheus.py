@@ -87,14 +87,12 @@ class StscredsCollector(Collector):
         sync_interval: float = 5.0,
     ) -> None:
         if not brokers:
-            raise ValueError("StscredsCollector: give at least one CredentialBroker")
+            raise ValueError("brokers: StscredsCollector needs at least one CredentialBroker")
         for broker in brokers:
             if not isinstance(broker, CredentialBroker):
-                raise TypeError(
-                    f"StscredsCollector: expected CredentialBroker, got {type(broker).__name__}"
-                )
-        if isinstance(role_arns, str):
-            raise TypeError("role_arns: must be an iterable of role ARNs, not one string")
+                raise TypeError(f"brokers: expected CredentialBroker, got {type(broker).__name__}")
+        if isinstance(role_arns, str) or not isinstance(role_arns, Iterable):
+            raise TypeError("role_arns: must be an iterable of role ARNs (not one string)")
         arns = frozenset(role_arns)
         if len(arns) > MAX_ROLE_ARNS:
             raise ValueError(f"role_arns: at most {MAX_ROLE_ARNS} role ARNs (got {len(arns)})")
@@ -215,12 +213,23 @@ def _le(bound: float) -> str:
     return "+Inf" if math.isinf(bound) else repr(float(bound))
 
 
+# ((metric, label values), labels, value) of one counter series.
+_CounterSample = tuple[tuple[str, tuple[str, ...]], dict[str, str], float]
+
+
 class _Mirror:
-    """Copies broker figures into prometheus_client metrics (multiprocess files)."""
+    """Copies broker figures into prometheus_client metrics (multiprocess files).
+
+    A process writes nothing until its brokers have served a request: a gunicorn master that
+    made the broker (``--preload``) and never serves adds no gauge to the workers' figures.
+    The metrics are made on first use in each process, and a forked child copies only what
+    happens after the fork (the parent copies its own figures).
+    """
 
     def __init__(self, brokers: tuple[CredentialBroker, ...], role_arns: frozenset[str]) -> None:
         self._brokers = brokers
         self._role_arns = role_arns
+        self._specs = {spec.name: spec for spec in _specs(role_arns)}
         self._lock = threading.Lock()
         self._metrics: dict[str, Any] = {}
         # (metric, label values) -> the count already copied, so each sync adds the change.
@@ -228,29 +237,38 @@ class _Mirror:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._interval = 5.0
-        for spec in _specs(role_arns):
-            name = prometheus_name(spec)
-            if spec.kind == "counter":
-                self._metrics[spec.name] = Counter(
-                    name.removesuffix("_total"), spec.help, spec.labels, registry=None
-                )
-            elif spec.kind == "gauge":
-                self._metrics[spec.name] = Gauge(
-                    name,
-                    spec.help,
-                    spec.labels,
-                    registry=None,
-                    multiprocess_mode=_GAUGE_MODES.get(spec.name, "livesum"),  # type: ignore[arg-type]
-                )
-            else:
-                histogram = PromHistogram(name, spec.help, registry=None, buckets=DURATION_BUCKETS)
-                self._metrics[spec.name] = histogram
-                # Observations go to the file as they happen: a histogram's buckets cannot be
-                # copied as a change.
-                for broker in brokers:
-                    source = getattr(broker.stats, _HISTOGRAMS[spec.name])
-                    source.listeners.append(histogram.observe)
+        #: Syncs that raised (the thread goes on; the next sync retries).
+        self.errors = 0
+        for name, attribute in _HISTOGRAMS.items():
+            # Observations go to the file as they happen: a histogram's buckets cannot be
+            # copied as a change.
+            for broker in brokers:
+                getattr(broker.stats, attribute).listeners.append(partial(self._observe, name))
         os.register_at_fork(after_in_child=partial(_restart_in_child, weakref.ref(self)))
+
+    def _metric(self, name: str) -> Any:
+        metric = self._metrics.get(name)
+        if metric is not None:
+            return metric
+        spec = self._specs[name]
+        full = prometheus_name(spec)
+        if spec.kind == "counter":
+            metric = Counter(full.removesuffix("_total"), spec.help, spec.labels, registry=None)
+        elif spec.kind == "gauge":
+            metric = Gauge(
+                full,
+                spec.help,
+                spec.labels,
+                registry=None,
+                multiprocess_mode=_GAUGE_MODES.get(name, "livesum"),  # type: ignore[arg-type]
+            )
+        else:
+            metric = PromHistogram(full, spec.help, registry=None, buckets=DURATION_BUCKETS)
+        self._metrics[name] = metric
+        return metric
+
+    def _observe(self, name: str, value: float) -> None:
+        self._metric(name).observe(value)
 
     def start(self, interval: float) -> None:
         self._interval = interval
@@ -262,33 +280,65 @@ class _Mirror:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            self.sync()
+            try:
+                self.sync()
+            except Exception:  # a bad sync must not end the copies for good
+                self.errors += 1
 
     def stop(self) -> None:
         self._stop.set()
         self.sync()
 
+    def _served(self) -> bool:
+        return any(b.stats.hits or b.stats.misses for b in self._brokers)
+
+    def _counters(
+        self, snapshots: list[dict[str, Any]]
+    ) -> Iterator[tuple[tuple[str, tuple[str, ...]], dict[str, str], float]]:
+        for spec in self._specs.values():
+            if spec.kind != "counter":
+                continue
+            for labels, value in _combined(spec, snapshots, self._role_arns):
+                yield (spec.name, tuple(labels[k] for k in spec.labels)), labels, value
+
     def sync(self) -> None:
         with self._lock:
+            if not self._served():
+                return
             snapshots = [broker.metrics() for broker in self._brokers]
-            for spec in _specs(self._role_arns):
-                if spec.kind == "histogram":
+            for key, labels, value in self._counters(snapshots):
+                copied = self._copied.get(key)
+                if copied is not None and value < copied:
+                    # The broker's series restarted (a per-role series evicted and counted
+                    # anew): copy its increases from here.
+                    self._copied[key] = value
+                elif copied is None or value > copied:
+                    # First sight makes the series (at 0 if nothing happened yet).
+                    metric = self._metric(key[0])
+                    child = metric.labels(**labels) if labels else metric
+                    if value > (copied or 0.0):
+                        child.inc(value - (copied or 0.0))
+                    self._copied[key] = value
+            clock_known = any(broker.sts_clock.known for broker in self._brokers)
+            for spec in self._specs.values():
+                if spec.kind != "gauge":
                     continue
-                metric = self._metrics[spec.name]
+                if spec.name == "clock_offset_seconds" and not clock_known:
+                    # A 0 from a process that has not heard STS would hide a negative offset
+                    # under livemax: such a process reports no offset at all.
+                    continue
+                metric = self._metric(spec.name)
                 for labels, value in _combined(spec, snapshots, self._role_arns):
-                    child = metric.labels(**labels) if spec.labels else metric
-                    if spec.kind == "gauge":
-                        child.set(value)
-                        continue
-                    key = (spec.name, tuple(labels[k] for k in spec.labels))
-                    change = value - self._copied.get(key, 0.0)
-                    if change > 0:
-                        child.inc(change)
-                        self._copied[key] = value
+                    (metric.labels(**labels) if labels else metric).set(value)
 
     def _after_fork(self) -> None:
         # The parent's thread does not exist here; its lock may have been held at the fork.
         self._lock = threading.Lock()
+        # Metrics made in the parent write the parent's files: make new ones on first use.
+        self._metrics = {}
+        # The parent copies its own figures; this child copies only what it adds from now.
+        snapshots = [broker.metrics() for broker in self._brokers]
+        self._copied = {key: value for key, _, value in self._counters(snapshots)}
         if self._thread is not None:
             self.start(self._interval)
 

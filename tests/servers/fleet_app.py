@@ -3,10 +3,14 @@
 FLEET_ISSUER, FLEET_KEY_FILE, FLEET_STS (endpoint URL), FLEET_STORE (none|redis|sqlite),
 FLEET_STORE_URL (redis URL or SQLite path), FLEET_STORE_KEY (base64 encryption key),
 FLEET_LEASE_TTL, FLEET_STORE_COOLDOWN, FLEET_STORE_TIMEOUT, FLEET_DEADLINE (exchange deadline).
+FLEET_PROMETHEUS=1 adds a StscredsCollector (prometheus_client multiprocess mode: set
+PROMETHEUS_MULTIPROC_DIR too) syncing every FLEET_PROMETHEUS_SYNC seconds (0.2), with the
+comma-separated role ARNs of FLEET_PROMETHEUS_ROLES allow-listed, and GET /metrics.
 
 GET /creds?tenant=NAME  -> {"pid", "access_key_id", "expiration"}
 GET /stats              -> broker and store counters of this process
 POST /_clock?offset=S   -> move this process's clock S seconds ahead of the wall clock
+GET /metrics            -> (FLEET_PROMETHEUS=1) every worker's series, from the multiprocess files
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from stscreds import CredentialBroker, CredentialsMiddleware, Role, SigningKey
@@ -102,11 +106,32 @@ async def move_clock(request: Request) -> JSONResponse:
     return JSONResponse({"pid": os.getpid(), "offset": clock.offset})
 
 
+routes = [
+    Route("/creds", creds),
+    Route("/stats", stats),
+    Route("/_clock", move_clock, methods=["POST"]),
+]
+
+if os.environ.get("FLEET_PROMETHEUS") == "1":
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from stscreds.prometheus import StscredsCollector
+
+    collector = StscredsCollector(
+        broker,
+        sync_interval=float(os.environ.get("FLEET_PROMETHEUS_SYNC") or 0.2),
+        role_arns=[a for a in os.environ.get("FLEET_PROMETHEUS_ROLES", "").split(",") if a],
+    )
+
+    async def metrics(request: Request) -> Response:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    routes.append(Route("/metrics", metrics))
+
 app = Starlette(
-    routes=[
-        Route("/creds", creds),
-        Route("/stats", stats),
-        Route("/_clock", move_clock, methods=["POST"]),
-    ],
+    routes=routes,
     middleware=[Middleware(CredentialsMiddleware, broker=broker, resolve_role=resolve_role)],
 )
