@@ -40,6 +40,7 @@ import gc
 import importlib.util
 import json
 import logging
+import math
 import mmap
 import os
 import pathlib
@@ -80,6 +81,7 @@ from stscreds import (
 )
 from stscreds._broker import WARNING_LIMIT, WARNING_WINDOW
 from stscreds._cache import MANDATORY_WINDOW
+from stscreds._metrics import METRICS, ROLE_METRIC
 from stscreds.stores import RedisStore, generate_key
 
 ACCOUNT = "123456789012"
@@ -594,11 +596,13 @@ class Harness:
     # -- running -----------------------------------------------------------------------------
 
     async def run(self, scenario: Callable[..., Awaitable[None]], **params: Any) -> None:
-        """Run one row under the loop-lag probe and an asyncio exception handler."""
+        """Run one row under the loop-lag probe and an asyncio exception handler, watching
+        every broker's metrics as it runs (see test_every_documented_series_moves)."""
         self._records_from = len(self.caplog.records)
         loop = asyncio.get_running_loop()
         previous = loop.get_exception_handler()
         loop.set_exception_handler(lambda _loop, context: self.loop_errors.append(context))
+        watcher = loop.create_task(self._watch_metrics())
         try:
             async with LoopLagProbe(exclude_full_gc=True) as probe:
                 self.probe = probe
@@ -607,7 +611,12 @@ class Harness:
             gc.collect()
             await asyncio.sleep(0)
         finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             loop.set_exception_handler(previous)
+        self._note_metrics()
+        ROWS_RUN.add(scenario.__name__)
         assert probe.samples > 0
         # Full collections are left out, but they must not blind the probe.
         assert probe.excluded_samples <= probe.samples // 10 + 5, probe.excluded_samples
@@ -615,6 +624,15 @@ class Harness:
         assert self.loop_errors == []
         assert not [r for r in self.records() if "never retrieved" in r.getMessage()]
         assert self.sts.internal_errors == []
+
+    async def _watch_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_SAMPLE_INTERVAL)
+            self._note_metrics()
+
+    def _note_metrics(self) -> None:
+        for broker in self.brokers:
+            note_moved_series(broker.metrics())
 
     async def aclose(self) -> None:
         for client in self.clients:
@@ -806,6 +824,26 @@ async def h(
 
 
 ROWS: list[Callable[..., Awaitable[None]]] = []
+#: Rows run to the end in this session, and the metrics seen to move while they ran.
+ROWS_RUN: set[str] = set()
+SERIES_MOVED: set[str] = set()
+METRICS_SAMPLE_INTERVAL = 0.005
+
+
+def note_moved_series(snapshot: dict[str, Any]) -> None:
+    """Add to SERIES_MOVED every metric of ``snapshot`` off its resting value: a counter or
+    histogram above 0, a gauge away from its idle value (0; +Inf for the soonest expiry)."""
+    for spec in (*METRICS, ROLE_METRIC):
+        value = snapshot[spec.name]
+        if spec.kind == "histogram":
+            moved = value["count"] > 0
+        elif spec.labels:
+            moved = any(row["value"] for row in value)
+        else:
+            idle = math.inf if spec.name == "soonest_expiry_seconds" else 0
+            moved = value != idle
+        if moved:
+            SERIES_MOVED.add(spec.name)
 
 
 def row(scenario: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
@@ -913,6 +951,37 @@ async def test_sts_answering_a_transient_error(h: Harness, fault: str) -> None:
     h.clock.advance(2.1)
     h.assert_served(await h.get(client, "flaky"), "flaky")
     assert h.sts.calls == MAX_ATTEMPTS + 1
+
+
+@row
+async def test_sts_down_while_the_cached_credentials_are_about_to_expire(h: Harness) -> None:
+    broker = h.broker()
+    client = h.client(broker)
+    first = h.assert_served(await h.get(client, "edge"), "edge")
+    h.sts.fail_always("ServiceUnavailable", 503, "Service unavailable")
+    # 30 s left on STS's clock: inside the mandatory window, where a request waits for the
+    # refresh. It fails: the cached credentials are served while they have more than 5 s.
+    h.clock.advance(h.seen[-1].expiration.timestamp() - h.sts_time() - 30.0)
+    metrics = broker.metrics()
+    assert metrics["mandatory_window_identities"] == 1
+    assert 25 <= metrics["soonest_expiry_seconds"] <= 30
+    assert h.assert_served(await h.get(client, "edge"), "edge") == first
+    assert h.sts.calls == 1 + MAX_ATTEMPTS
+    for _ in range(20):  # no new call during the refresh backoff; still the cached ones
+        h.clock.advance(1.0)
+        assert h.assert_served(await h.get(client, "edge"), "edge") == first
+    assert h.sts.calls == 1 + MAX_ATTEMPTS
+    message = one(h.logged())
+    assert "refresh failed for" in message and arn("edge") in message
+    # 5 s or less left: never handed out; the request waits for an exchange, which fails.
+    h.clock.advance(6.0)
+    h.assert_unavailable(await h.get(client, "edge"), "ServiceUnavailable", (1, 2))
+    assert h.sts.calls == 1 + 2 * MAX_ATTEMPTS
+    assert broker.metrics()["cached_identities"] == 0
+    # Recovery: STS answers again, after the remembered period.
+    h.sts.clear_faults()
+    h.clock.advance(2.1)
+    assert h.assert_served(await h.get(client, "edge"), "edge") != first
 
 
 @row
@@ -1557,3 +1626,12 @@ async def test_no_secret_anywhere_across_the_matrix(
     deep = find_secrets(secrets, h.log_exception_texts())
     if deep:
         raise LeakInLoggedException("\n".join(f"{label} in {where}" for label, where in deep))
+
+
+def test_every_documented_series_moves_across_the_matrix() -> None:
+    """Run last: while the rows ran, every metric of the catalogue moved in some broker (the
+    watcher samples each row's brokers every 5 ms and at the row's end)."""
+    missing_rows = {test.__name__ for test in ROWS} - ROWS_RUN
+    if missing_rows:
+        pytest.skip(f"needs the whole matrix in this session ({len(missing_rows)} rows not run)")
+    assert {spec.name for spec in (*METRICS, ROLE_METRIC)} - SERIES_MOVED == set()
