@@ -4,7 +4,7 @@
 2. serves examples/fastapi_app.py with uvicorn on a free loopback port;
 3. fires 500 concurrent requests for one tenant and 50 for each of 10 more, all at once;
 4. prints requests, STS calls, hit ratio and p50/p99 latency (of the burst, and of 200 cache hits
-   sent one at a time); exits 1 if anything failed.
+   sent one at a time), then what the app's own /metrics says; exits 1 if anything failed.
 """
 
 from __future__ import annotations
@@ -115,6 +115,18 @@ async def one_at_a_time(port: int, count: int) -> tuple[list[float], list[int]]:
     return [r[0] for r in results], [r[1] for r in results]
 
 
+def stscreds_metrics(base: str) -> dict[str, float]:
+    """The app's /metrics (StscredsCollector), summed per series name over its labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text):
+        for sample in family.samples:
+            if sample.name.startswith("stscreds_"):
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
@@ -152,6 +164,7 @@ def main() -> int:
             # The burst's latency is mostly queueing (1,000 connections at once, one worker);
             # one request at a time shows what a cache hit costs a request.
             single = asyncio.run(one_at_a_time(port, 200))
+            metrics = stscreds_metrics(base)
         finally:
             app.terminate()
             app.wait(timeout=10)
@@ -167,6 +180,14 @@ def main() -> int:
         print(
             f"one at a time p50 {percentile(single[0], 0.50) * 1000:.1f} ms, "
             f"p99 {percentile(single[0], 0.99) * 1000:.1f} ms  ({len(single[0])} cache hits)"
+        )
+        count = metrics.get("stscreds_exchange_duration_seconds_count", 0.0)
+        mean = metrics.get("stscreds_exchange_duration_seconds_sum", 0.0) / max(count, 1.0)
+        print(
+            f"app's /metrics {metrics.get('stscreds_exchanges_total', 0):.0f} exchanges "
+            f"(mean {mean * 1000:.0f} ms), "
+            f"{metrics.get('stscreds_singleflight_joins_total', 0):.0f} requests joined one "
+            f"in flight, {metrics.get('stscreds_l1_hits_total', 0):.0f} cache hits"
         )
         failed += sum(1 for s in single[1] if s != 200)
         if failed or sts.calls != roles:
