@@ -30,6 +30,7 @@ from stscreds import (
     CredentialBroker,
     Credentials,
     CredentialsRejected,
+    CredentialsUnavailable,
     Role,
     SigningKey,
     STSUnavailable,
@@ -1686,3 +1687,74 @@ async def test_health_window_follows_the_brokers_clock(
     health = broker.health()
     assert health["status"] == "degraded"
     assert health["last_failure"]["at"] == T0
+
+
+async def test_a_request_timeout_is_logged_once_per_exchange_not_per_caller(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="stscreds")
+    broker = make_broker(request_timeout=0.3)
+    strict_sts.hang = True
+    try:
+        results = await asyncio.gather(
+            *(broker.get(Role(ROLE)) for _ in range(30)), return_exceptions=True
+        )
+    finally:
+        strict_sts.release()
+    assert all(isinstance(r, STSUnavailable) for r in results)
+    lines = [r for r in caplog.records if "within request_timeout" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].error_code == "Timeout"  # type: ignore[attr-defined]
+    assert broker.stats.request_wait.count == 30
+    assert broker._waiting == {}
+
+
+async def test_health_can_be_read_from_another_thread_while_exchanges_fail(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS
+) -> None:
+    # A WSGI probe thread reads health() while the loop records failures; the failures
+    # deque must be copied, not iterated (RuntimeError: deque mutated during iteration).
+    broker = make_broker(max_attempts=1, transient_negative_ttl=(0.0, 0.0))
+    strict_sts.fail_always("InvalidIdentityToken", 400, "bad token")
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        while not done.is_set():
+            try:
+                broker.health()
+            except BaseException as error:
+                errors.append(error)
+                return
+
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    thread = threading.Thread(target=probe)
+    thread.start()
+    try:
+        for i in range(150):
+            with contextlib.suppress(CredentialsUnavailable):
+                await broker.get(Role(ROLE, subject=f"s{i}"))
+    finally:
+        done.set()
+        thread.join()
+        sys.setswitchinterval(previous)
+    assert errors == []
+    assert broker.health()["status"] == "unavailable"
+
+
+async def test_health_and_log_state_start_afresh_in_a_forked_child(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS
+) -> None:
+    broker = make_broker(max_attempts=1)
+    strict_sts.fail_always("InvalidIdentityToken", 400, "bad token")
+    for i in range(3):
+        with contextlib.suppress(CredentialsUnavailable):
+            await broker.get(Role(ROLE, subject=f"s{i}"))
+    assert broker.health()["status"] == "unavailable"
+    broker._after_fork()  # what os.register_at_fork runs in the child
+    health = broker.health()
+    assert health["status"] == "ok"
+    assert health["last_failure"] is None and health["last_success_at"] is None

@@ -372,13 +372,13 @@ def test_role_counts_count_per_series() -> None:
     ]
 
 
-def test_role_counts_are_bounded_dropping_the_first_made_series() -> None:
+def test_role_counts_are_bounded_dropping_the_series_counted_longest_ago() -> None:
     counts = RoleCounts(maxsize=2)
     counts.add("arn:a", "success", "")
     counts.add("arn:b", "success", "")
-    counts.add("arn:a", "success", "")  # counting an existing series does not reorder it
+    counts.add("arn:a", "success", "")  # a hot series moves to the back: b goes first
     counts.add("arn:c", "success", "")
-    assert counts.items() == [(("arn:b", "success", ""), 1), (("arn:c", "success", ""), 1)]
+    assert counts.items() == [(("arn:a", "success", ""), 2), (("arn:c", "success", ""), 1)]
     for i in range(100):
         counts.add(f"arn:{i}", "success", "")
         assert len(counts.items()) <= 2

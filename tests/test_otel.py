@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -247,6 +247,35 @@ async def test_the_exchange_span_is_a_child_of_the_first_callers_span(
     assert exchange.parent.span_id == finished["first request"].context.span_id
     assert len(exchange_spans(exporter)) == 1  # the joining caller started none
     assert broker.stats.joins == 1
+
+
+class _BrokenProcessor(SpanProcessor):
+    """A span processor that raises wherever the SDK calls it (a buggy exporter)."""
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        raise RuntimeError("on_start broke")
+
+    def on_end(self, span: ReadableSpan) -> None:
+        raise RuntimeError("on_end broke")
+
+
+async def test_a_failing_tracing_sdk_never_fails_an_exchange(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    instrumentations: list[Instrumentation],
+) -> None:
+    provider = TracerProvider()
+    provider.add_span_processor(_BrokenProcessor())
+    broker = make_broker(store=MemoryStore(encryption_keys=[generate_key()]))
+    instrumentations.append(instrument(broker, tracer_provider=provider))
+
+    credentials = await broker.get(Role(ROLE))
+
+    assert credentials.access_key_id
+    assert strict_sts.calls == 1
+    (row,) = broker.metrics()["exchanges_total"]
+    assert (row["outcome"], row["code"]) == ("success", "")
+    assert broker.stats.exchange_failures == 0
 
 
 async def test_attempts_count_the_retries_of_one_exchange(

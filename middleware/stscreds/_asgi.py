@@ -14,6 +14,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 from ._broker import CredentialBroker
 from ._errors import CredentialsUnavailable
+from ._metrics import error_label
 from ._roles import Role
 
 __all__ = [
@@ -96,6 +97,7 @@ async def run_warm_up(broker: CredentialBroker, roles: Sequence[Role]) -> int:
     Returns how many roles got credentials. Requests for a role still being fetched join
     the same exchange (single-flight), so a warm-up never doubles STS calls.
     """
+    broker.stats.warm_ups += len(roles)
     results = await asyncio.gather(*(broker.get(role) for role in roles), return_exceptions=True)
     fetched = 0
     for role, result in zip(roles, results, strict=True):
@@ -105,11 +107,17 @@ async def run_warm_up(broker: CredentialBroker, roles: Sequence[Role]) -> int:
             logger.warning(
                 "warm-up got no credentials for %s (%s); requests will try again",
                 role.arn,
-                result.code or type(result).__name__,
+                error_label(result),
+                extra={"role_arn": role.arn, "error_code": error_label(result)},
             )
         else:
             # Only the type: an unexpected error's message is not known to be free of secrets.
-            logger.warning("warm-up failed for %s: %s", role.arn, type(result).__name__)
+            logger.warning(
+                "warm-up failed for %s: %s",
+                role.arn,
+                type(result).__name__,
+                extra={"role_arn": role.arn},
+            )
     logger.info("warm-up fetched credentials for %d of %d roles", fetched, len(roles))
     return fetched
 

@@ -173,6 +173,7 @@ class BrokerStats:
         "negative_hits",
         "request_wait",
         "roles",
+        "warm_ups",
     )
 
     def __init__(self) -> None:
@@ -183,6 +184,7 @@ class BrokerStats:
         self.exchange_failures = 0  # failed refreshes (STS, store marker or closed)
         self.background_refreshes = 0
         self.negative_hits = 0
+        self.warm_ups = 0  # of the misses, those of a start-up warm-up (no request waiting)
         #: (trigger, outcome, code) -> finished STS exchanges.
         self.exchange_counts: dict[tuple[str, str, str], int] = {}
         self.exchange_duration = Histogram()
@@ -293,11 +295,13 @@ class CredentialBroker:
         # Identity key -> callers waiting on its exchange (the log's "waiters").
         self._waiting: dict[str, int] = {}
         self._last_success: float | None = None
-        # (time, code label) of recent process-wide failures, for health().
+        # (time, message) of recent process-wide failures, for health().
         self._recent_failures: deque[tuple[float, str]] = deque(maxlen=HEALTH_FAILURES)
         self._last_failure: dict[str, Any] | None = None
         self._failed_since_success = False
         self._warnings = _WarningSummary()
+        # Exchanges some caller gave up on (request_timeout): logged once each.
+        self._timed_out: weakref.WeakSet[asyncio.Task[Credentials]] = weakref.WeakSet()
         # gunicorn --preload and multiprocessing fork a process that already made a broker.
         os.register_at_fork(after_in_child=partial(_reset_in_child, weakref.ref(self)))
         # The lease must outlive one whole exchange, or a slow holder loses it mid-call.
@@ -484,12 +488,17 @@ class CredentialBroker:
             stable = self._still_servable(key, entry)
             if stable is not None:
                 return stable
-            logger.warning(
-                "no credentials for %s within request_timeout (%gs)",
-                role.arn,
-                self.request_timeout,
-                extra={"role_arn": role.arn},
-            )
+            # One line per exchange that outlived request_timeout, not one per caller.
+            if task not in self._timed_out and self._warnings.allow(
+                "no credentials within request_timeout", "Timeout", self._now()
+            ):
+                logger.warning(
+                    "no credentials for %s within request_timeout (%gs)",
+                    role.arn,
+                    self.request_timeout,
+                    extra={"role_arn": role.arn, "error_code": "Timeout"},
+                )
+            self._timed_out.add(task)
             raise _Timeout(
                 f"no credentials within {self.request_timeout:g}s", role_arn=role.arn
             ) from None
@@ -539,6 +548,13 @@ class CredentialBroker:
         # cached credentials stay, they are valid in any process.
         self._inflight.clear()
         self._waiting.clear()
+        # Health and log state describe this process's own exchanges.
+        self._last_success = None
+        self._last_failure = None
+        self._failed_since_success = False
+        self._recent_failures.clear()
+        self._warnings = _WarningSummary()
+        self._timed_out = weakref.WeakSet()
         self._exchanger.reset_after_fork()
         self.sts_clock.after_fork()
         if self._exchanger.budget is not None:
@@ -715,7 +731,7 @@ class CredentialBroker:
                 "message": _describe(error),
             }
             if code in PROCESS_WIDE_FAILURES:
-                self._recent_failures.append((wall, code))
+                self._recent_failures.append((wall, _describe(error)))
         logger.info(
             "exchange for %s: %s%s in %.0f ms (%d attempt%s, %d waiting)",
             role.arn,
@@ -901,11 +917,15 @@ class CredentialBroker:
             reasons.append(f"last exchange failed: {failure['code']}")
         if reasons:
             status = "degraded"
-        recent = [at for at, _ in self._recent_failures if now_wall - at <= HEALTH_WINDOW]
+        # tuple(): one C-level copy, safe while the loop thread appends (a WSGI probe thread).
+        recent = [
+            (at, message)
+            for at, message in tuple(self._recent_failures)
+            if now_wall - at <= HEALTH_WINDOW
+        ]
         if len(recent) >= HEALTH_FAILURES:
             status = "unavailable"
-            last = "" if failure is None else f": {failure['message']}"
-            reasons.insert(0, f"the last {len(recent)} exchanges failed{last}")
+            reasons.insert(0, f"the last {len(recent)} exchanges failed: {recent[-1][1]}")
         if self._closed:
             status = "unavailable"
             reasons.insert(0, _CLOSED)

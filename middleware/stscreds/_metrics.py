@@ -298,7 +298,8 @@ def error_label(error: CredentialsUnavailable | None) -> str:
 
 
 class RoleCounts:
-    """Exchange counts per (role ARN, outcome, code), bounded: the oldest series go first."""
+    """Exchange counts per (role ARN, outcome, code), bounded: the series counted longest ago
+    goes first."""
 
     __slots__ = ("_counts", "maxsize")
 
@@ -311,9 +312,11 @@ class RoleCounts:
         """Count one exchange."""
         key = (role_arn, outcome, code)
         counts = self._counts
-        if key not in counts and len(counts) >= self.maxsize:
+        # Re-inserted on every count: the series counted longest ago goes first.
+        count = counts.pop(key, None)
+        if count is None and counts and len(counts) >= self.maxsize:
             del counts[next(iter(counts))]
-        counts[key] = counts.get(key, 0) + 1
+        counts[key] = (count or 0) + 1
 
     def items(self) -> list[tuple[tuple[str, str, str], int]]:
         """A copy of the counts."""

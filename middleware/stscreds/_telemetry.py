@@ -40,7 +40,8 @@ class _NoSpan:
 
 
 class _Span:
-    """A recording span with the one failure idiom stscreds uses."""
+    """A recording span with the one failure idiom stscreds uses; never raises (a tracing
+    SDK's failure must not fail an exchange)."""
 
     __slots__ = ("span",)
 
@@ -49,12 +50,14 @@ class _Span:
 
     def set_attribute(self, key: str, value: Any) -> None:
         """Set one attribute."""
-        self.span.set_attribute(key, value)
+        with contextlib.suppress(Exception):
+            self.span.set_attribute(key, value)
 
     def fail(self, error_type: str, description: str) -> None:
         """Mark the span failed: ``error.type`` and an ERROR status with ``description``."""
-        self.span.set_attribute("error.type", error_type)
-        self.span.set_status(_trace.Status(_trace.StatusCode.ERROR, description))
+        with contextlib.suppress(Exception):
+            self.span.set_attribute("error.type", error_type)
+            self.span.set_status(_trace.Status(_trace.StatusCode.ERROR, description))
 
 
 _NO_SPAN = _NoSpan()
@@ -84,11 +87,20 @@ class Tracing:
         if self.tracer is None:
             yield _NO_SPAN
             return
-        with self.tracer.start_as_current_span(
-            name,
-            kind=_trace.SpanKind.CLIENT,
-            attributes=dict(attributes),
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            yield _Span(span)
+        # Started, made current and ended by hand, each guarded: an SDK's span processor
+        # that raises must not turn a successful exchange into a failed one.
+        try:
+            span = self.tracer.start_span(
+                name, kind=_trace.SpanKind.CLIENT, attributes=dict(attributes)
+            )
+        except Exception:
+            yield _NO_SPAN
+            return
+        try:
+            with _trace.use_span(
+                span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+            ):
+                yield _Span(span)
+        finally:
+            with contextlib.suppress(Exception):
+                span.end()

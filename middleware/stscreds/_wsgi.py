@@ -181,7 +181,10 @@ class CredentialsWSGIMiddleware:
             # Cancels only this wait: the shared exchange goes on for the others.
             future.cancel()
             logger.warning(
-                "gave up waiting for credentials for %s after %gs", role.arn, self.timeout
+                "gave up waiting for credentials for %s after %gs",
+                role.arn,
+                self.timeout,
+                extra={"role_arn": role.arn, "error_code": "Timeout"},
             )
             raise STSUnavailable(
                 f"no credentials within {self.timeout:g}s", role_arn=role.arn

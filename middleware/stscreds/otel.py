@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -219,6 +220,24 @@ _registries: weakref.WeakKeyDictionary[Any, _Registry] = weakref.WeakKeyDictiona
 _global_registry: list[_Registry] = []
 
 
+# Every Instrumentation made, for the fork hook below.
+_instrumentations: weakref.WeakSet[Instrumentation] = weakref.WeakSet()
+
+
+def _renew_locks_in_child() -> None:
+    # A collection on the SDK's reader thread may hold a registry's lock (while it reads
+    # broker.metrics()) at the moment of a fork: held forever in the child otherwise.
+    global _registries_lock
+    _registries_lock = threading.Lock()
+    for registry in [*_registries.values(), *_global_registry]:
+        registry._lock = threading.Lock()
+    for instrumentation in list(_instrumentations):
+        instrumentation._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_renew_locks_in_child)
+
+
 def _registry(meter_provider: MeterProvider | None) -> _Registry:
     global_provider = _otel_metrics.get_meter_provider()
     with _registries_lock:
@@ -247,6 +266,7 @@ class Instrumentation:
         self._registry = registry
         self._listeners = listeners
         self._lock = threading.Lock()
+        _instrumentations.add(self)
 
     @property
     def brokers(self) -> tuple[CredentialBroker, ...]:

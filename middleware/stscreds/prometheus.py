@@ -21,6 +21,7 @@ only on ``stscreds_role_exchanges_total``, and only for the ARNs given in ``role
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -126,7 +127,9 @@ class StscredsCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         """Every metric of every broker, read now (multiprocess mode: sync, yield none)."""
         if self._mirror is not None:
-            self._mirror.sync()
+            # The scrape reads the files: a failed copy here only makes them a sync older.
+            with contextlib.suppress(Exception):
+                self._mirror.sync()
             return []
         return list(self._families(with_samples=True))
 
@@ -239,12 +242,24 @@ class _Mirror:
         self._interval = 5.0
         #: Syncs that raised (the thread goes on; the next sync retries).
         self.errors = 0
+        self._listeners: list[tuple[list[Any], Any]] = []
         for name, attribute in _HISTOGRAMS.items():
             # Observations go to the file as they happen: a histogram's buckets cannot be
             # copied as a change.
             for broker in brokers:
-                getattr(broker.stats, attribute).listeners.append(partial(self._observe, name))
-        os.register_at_fork(after_in_child=partial(_restart_in_child, weakref.ref(self)))
+                listeners = getattr(broker.stats, attribute).listeners
+                listener = partial(self._observe, name)
+                listeners.append(listener)
+                self._listeners.append((listeners, listener))
+        # prometheus_client writes its files under one module-level lock that a fork can
+        # copy held. Every write of ours is made under self._lock, taken around the fork:
+        # no thread of ours is inside that lock when the child is made.
+        ref = weakref.ref(self)
+        os.register_at_fork(
+            before=partial(_lock_for_fork, ref),
+            after_in_parent=partial(_unlock_after_fork, ref),
+            after_in_child=partial(_restart_in_child, ref),
+        )
 
     def _metric(self, name: str) -> Any:
         metric = self._metrics.get(name)
@@ -268,7 +283,8 @@ class _Mirror:
         return metric
 
     def _observe(self, name: str, value: float) -> None:
-        self._metric(name).observe(value)
+        with self._lock:
+            self._metric(name).observe(value)
 
     def start(self, interval: float) -> None:
         self._interval = interval
@@ -287,10 +303,17 @@ class _Mirror:
 
     def stop(self) -> None:
         self._stop.set()
+        self._thread = None
+        for listeners, listener in self._listeners:
+            if listener in listeners:
+                listeners.remove(listener)
+        self._listeners = []
         self.sync()
 
     def _served(self) -> bool:
-        return any(b.stats.hits or b.stats.misses for b in self._brokers)
+        # Requests, not a start-up warm-up: a gunicorn master that warmed up before forking
+        # never serves, and its gauges would sit in the workers' figures, never refreshed.
+        return any(b.stats.hits or b.stats.misses > b.stats.warm_ups for b in self._brokers)
 
     def _counters(
         self, snapshots: list[dict[str, Any]]
@@ -302,11 +325,20 @@ class _Mirror:
                 yield (spec.name, tuple(labels[k] for k in spec.labels)), labels, value
 
     def sync(self) -> None:
+        # The snapshots and their sums are made outside the lock: it covers only the writes.
+        snapshots = [broker.metrics() for broker in self._brokers]
+        counters = list(self._counters(snapshots))
+        gauges = [
+            (spec.name, _combined(spec, snapshots, self._role_arns))
+            for spec in self._specs.values()
+            if spec.kind == "gauge"
+        ]
+        # Counters are always copied (a warm-up's exchanges happened); gauges only by a
+        # process that serves requests.
+        served = self._served()
+        clock_known = any(broker.sts_clock.known for broker in self._brokers)
         with self._lock:
-            if not self._served():
-                return
-            snapshots = [broker.metrics() for broker in self._brokers]
-            for key, labels, value in self._counters(snapshots):
+            for key, labels, value in counters:
                 copied = self._copied.get(key)
                 if copied is not None and value < copied:
                     # The broker's series restarted (a per-role series evicted and counted
@@ -319,16 +351,15 @@ class _Mirror:
                     if value > (copied or 0.0):
                         child.inc(value - (copied or 0.0))
                     self._copied[key] = value
-            clock_known = any(broker.sts_clock.known for broker in self._brokers)
-            for spec in self._specs.values():
-                if spec.kind != "gauge":
-                    continue
-                if spec.name == "clock_offset_seconds" and not clock_known:
+            if not served:
+                return
+            for name, rows in gauges:
+                if name == "clock_offset_seconds" and not clock_known:
                     # A 0 from a process that has not heard STS would hide a negative offset
                     # under livemax: such a process reports no offset at all.
                     continue
-                metric = self._metric(spec.name)
-                for labels, value in _combined(spec, snapshots, self._role_arns):
+                metric = self._metric(name)
+                for labels, value in rows:
                     (metric.labels(**labels) if labels else metric).set(value)
 
     def _after_fork(self) -> None:
@@ -347,6 +378,18 @@ _HISTOGRAMS: Mapping[str, str] = {
     "exchange_duration_seconds": "exchange_duration",
     "request_wait_seconds": "request_wait",
 }
+
+
+def _lock_for_fork(ref: weakref.ref[_Mirror]) -> None:
+    mirror = ref()
+    if mirror is not None:
+        mirror._lock.acquire()
+
+
+def _unlock_after_fork(ref: weakref.ref[_Mirror]) -> None:
+    mirror = ref()
+    if mirror is not None:
+        mirror._lock.release()
 
 
 def _restart_in_child(ref: weakref.ref[_Mirror]) -> None:
