@@ -16,9 +16,16 @@ every 0.2 s), with a bounded deadline; time moves only through the workers' ``/_
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import os
 import re
 import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
@@ -27,6 +34,7 @@ from typing import Any
 import pytest
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from servers.fleet import Fleet, Response, Worker
@@ -789,3 +797,278 @@ async def test_every_documented_series_moves_across_real_workers(
     found = secrets_of(strict_sts.requests)
     assert len(found) > 20
     assert [label for label, value in found.items() if value in m.text] == []
+
+
+# -- gunicorn --preload: a warm-up in the master, real sync workers ------------------------------
+
+TESTS = Path(__file__).resolve().parent
+PRELOAD_APP = "servers.preload_app:app"
+# prometheus_client's documented gunicorn hook: a dead worker's live* gauges leave the sums.
+GUNICORN_CONF = """\
+from prometheus_client import multiprocess
+
+
+def child_exit(server, worker):
+    multiprocess.mark_process_dead(worker.pid)
+"""
+
+
+def preload_arn(tenant: str) -> str:
+    """The role preload_app resolves ``?tenant=`` to."""
+    return f"arn:aws:iam::{ACCOUNT}:role/preload-{tenant}"
+
+
+def http_get(port: int, path: str, conn: socket.socket | None = None) -> tuple[int, bytes]:
+    """GET ``path`` (HTTP/1.0: never chunked) on ``conn`` or a new connection; read to EOF."""
+    conn = conn or socket.create_connection(("127.0.0.1", port), timeout=30.0)
+    with conn:
+        conn.settimeout(30.0)
+        conn.sendall(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    head, sep, body = b"".join(chunks).partition(b"\r\n\r\n")
+    if not sep:
+        raise ConnectionError(f"incomplete HTTP response on port {port}: {head[:80]!r}")
+    return int(head.split()[1]), body
+
+
+def process_scrape(multiproc: Path, pid: int, into: Path) -> Scrape:
+    """The series one process wrote, alone: a copy of its files, read by prometheus_client."""
+    into.mkdir()
+    for file in multiproc.glob(f"*_{pid}.db"):
+        shutil.copy(file, into)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(into))
+    return Scrape(generate_latest(registry).decode())
+
+
+@pytest.mark.parametrize("warm_up", ["middleware", "broker.get"])
+def test_gunicorn_preload_counts_the_masters_warm_up_once(
+    tmp_path: Path, strict_sts: StrictSTS, warm_up: str
+) -> None:
+    """``gunicorn --preload -w 2`` of servers/preload_app.py: the master imports the app, whose
+    StscredsCollector (multiprocess mode) and one synchronous exchange for "warm" are made
+    before the 2 sync workers are forked; ``warm_up`` is how the app makes that exchange.
+
+    The workers serve "warm" from the cache they inherited (no STS call), and their broker,
+    driven from the WSGI middleware's own loop thread, exchanges for "cold". The master's
+    exchange is counted once in the fleet's sums, by the master; the workers count from the
+    fork. Gauges: the middleware's warm-up (the documented way) is no request, so the master
+    writes none and stscreds_cached_identities is what the 2 workers hold. An
+    ``asyncio.run(broker.get(...))`` at import is a request as far as the broker can tell:
+    then the master writes its gauges too, its warm identity (never refreshed: the master
+    serves nothing) in the fleet's cached_identities and soonest expiry.
+    """
+    master_writes_gauges = warm_up == "broker.get"
+    multiproc = tmp_path / "prometheus"
+    multiproc.mkdir()
+    key = SigningKey.generate("ES256")
+    key_file = tmp_path / "key.pem"
+    key_file.write_bytes(key.to_pem())
+    key_file.chmod(0o600)
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text(GUNICORN_CONF)
+    # gunicorn takes this bound socket (fd://): the port is known for the issuer URL and
+    # cannot be taken by anyone else before gunicorn listens on it.
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    issuer = f"http://127.0.0.1:{port}"
+    # The warm-up runs in the master before anything listens: STS gets the keys directly.
+    strict_sts.configure(issuer=issuer, jwks={"keys": [key.public_jwk()]})
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(TESTS),
+        "NO_PROXY": "127.0.0.1,localhost",
+        "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
+        "PRELOAD_ISSUER": issuer,
+        "PRELOAD_KEY_FILE": str(key_file),
+        "PRELOAD_STS": strict_sts.url,
+        "PRELOAD_WARM_UP": warm_up,
+    }
+    command = [sys.executable, "-m", "gunicorn", "--preload", "--workers", "2"]
+    command += ["--config", str(conf), "--bind", f"fd://{listener.fileno()}"]
+    # No control socket: by default gunicorn makes one in $HOME, shared by concurrent runs.
+    command += ["--no-control-socket", "--timeout", "60", "--graceful-timeout", "10"]
+    command.append(PRELOAD_APP)
+    log = tmp_path / "gunicorn.log"
+    with open(log, "wb") as out:
+        master = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=out, stderr=out, pass_fds=[listener.fileno()]
+        )
+    held: socket.socket | None = None
+
+    def output() -> str:
+        return f"\n--- gunicorn log ---\n{log.read_text(errors='replace')[-4000:]}"
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # waits for an event (a worker serving), never to let time pass
+            if master.poll() is not None:
+                pytest.fail(f"gunicorn exited with {master.returncode}{output()}")
+            try:
+                if http_get(port, "/.well-known/openid-configuration")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"gunicorn did not serve within 60s{output()}")
+            time.sleep(0.1)
+        listener.close()  # gunicorn has its own copy
+        # The master exchanged once, at import: the workers were forked warm.
+        assert strict_sts.calls == 1
+        (warm_call,) = strict_sts.requests_for(preload_arn("warm"))
+        assert warm_call.credentials is not None
+        warm_key = warm_call.credentials["AccessKeyId"]
+
+        def creds(tenant: str, conn: socket.socket | None = None) -> dict[str, Any]:
+            status, body = http_get(port, f"/creds?tenant={tenant}", conn)
+            assert status == 200, (status, body, output())
+            answer: dict[str, Any] = json.loads(body)
+            return answer
+
+        # A sync worker serves one connection at a time: one that sends nothing yet holds
+        # the worker that accepted it (x) in its read, so every other connection goes to the
+        # other worker (y), which the cold tenant then reaches alone.
+        held = socket.create_connection(("127.0.0.1", port), timeout=30.0)
+        at_y = [creds("warm") for _ in range(5)] + [creds("cold") for _ in range(3)]
+        at_x = creds("warm", held)
+        held = None
+        (y,) = {answer["pid"] for answer in at_y}
+        x = at_x["pid"]
+        assert len({x, y, master.pid}) == 3
+        assert {answer["ppid"] for answer in [*at_y, at_x]} == {master.pid}
+        # Both workers served warm from the master's cache; y exchanged once for cold.
+        assert {a["access_key_id"] for a in [*at_y[:5], at_x]} == {warm_key}
+        (cold_call,) = strict_sts.requests_for(preload_arn("cold"))
+        assert cold_call.credentials is not None
+        assert {a["access_key_id"] for a in at_y[5:]} == {cold_call.credentials["AccessKeyId"]}
+        assert strict_sts.calls == 2
+
+        # x: 1 hit; y: 5 warm hits, then the cold miss and 2 hits. Each process copies every
+        # 0.2 s: wait for both workers' last hits and their gauges (a sync writes its
+        # counters, then its gauges).
+        hits = 1 + 5 + 2
+        cached = (1 if master_writes_gauges else 0) + 1 + 2
+        deadline = time.monotonic() + 30
+        while True:
+            status, body = http_get(port, "/metrics")
+            assert status == 200, (status, body)
+            m = Scrape(body.decode())
+            if (
+                m.value("stscreds_l1_hits_total") == hits
+                and m.value("stscreds_cached_identities") == cached
+            ):
+                break
+            if time.monotonic() > deadline:
+                lines = [line for line in m.text.splitlines() if line.startswith("stscreds_")]
+                pytest.fail(
+                    f"not seen within 30s: {hits} hits and {cached} cached identities\n"
+                    + "\n".join(lines)
+                    + output()
+                )
+            time.sleep(0.05)
+
+        # The fleet's sums: the master's warm-up once (not once per worker), y's cold one.
+        assert m.total("stscreds_exchanges_total") == 2
+        assert exchanges(m, "request", "success") == 2
+        assert m.value("stscreds_misses_total") == 2
+        arww = m.value("stscreds_sts_calls_total", operation="AssumeRoleWithWebIdentity")
+        assert arww == m.total("stscreds_sts_calls_total") == strict_sts.calls == 2
+        assert m.value("stscreds_exchange_duration_seconds_count") == 2
+        assert m.value("stscreds_request_wait_seconds_count") == 2
+        assert m.value("stscreds_inflight_exchanges") == 0
+        assert m.value("stscreds_mandatory_window_identities") == 0
+        assert 3000 < m.value("stscreds_soonest_expiry_seconds") <= 3600
+
+        # Who wrote what: each process's own files.
+        alone = {
+            name: process_scrape(multiproc, pid, tmp_path / name)
+            for name, pid in (("master", master.pid), ("x", x), ("y", y))
+        }
+        figures = {
+            name: {
+                "hits": s.total("stscreds_l1_hits_total"),
+                "misses": s.total("stscreds_misses_total"),
+                "exchanges": s.total("stscreds_exchanges_total"),
+                "sts_calls": s.total("stscreds_sts_calls_total"),
+                "exchange_durations": s.total("stscreds_exchange_duration_seconds_count"),
+                "cached_identities": s.rows("stscreds_cached_identities").get(frozenset()),
+            }
+            for name, s in alone.items()
+        }
+        assert figures == {
+            # The master counted its warm-up; whether it writes gauges depends on the kind.
+            "master": {
+                "hits": 0,
+                "misses": 1,
+                "exchanges": 1,
+                "sts_calls": 1,
+                "exchange_durations": 1,
+                "cached_identities": 1 if master_writes_gauges else None,
+            },
+            # The workers count from the fork on: x only its hit. Both served a request, so
+            # both write their gauges, the warm identity each inherited included.
+            "x": {
+                "hits": 1,
+                "misses": 0,
+                "exchanges": 0,
+                "sts_calls": 0,
+                "exchange_durations": 0,
+                "cached_identities": 1,
+            },
+            "y": {
+                "hits": 7,
+                "misses": 1,
+                "exchanges": 1,
+                "sts_calls": 1,
+                "exchange_durations": 1,
+                "cached_identities": 2,
+            },
+        }
+        master_gauge_files = list(multiproc.glob(f"gauge_live*_{master.pid}.db"))
+        assert len(master_gauge_files) == (3 if master_writes_gauges else 0)
+        assert (multiproc / f"counter_{master.pid}.db").exists()
+    finally:
+        if held is not None:
+            held.close()
+        listener.close()
+        master.send_signal(signal.SIGTERM)
+        try:
+            master.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            master.kill()
+            master.wait()
+
+    assert master.returncode == 0, output()
+    assert "Traceback" not in log.read_text(errors="replace"), output()
+    # child_exit marked both workers dead: their live gauges left the files (their counters
+    # stay, as documented); the master's gauges, if any, stay until the directory is emptied.
+    for pid in (x, y):
+        assert list(multiproc.glob(f"gauge_live*_{pid}.db")) == [], pid
+        assert (multiproc / f"counter_{pid}.db").exists()
+    assert len(list(multiproc.glob(f"gauge_live*_{master.pid}.db"))) == len(master_gauge_files)
+
+
+async def test_a_warm_up_is_not_serving_even_for_a_role_already_cached(
+    make_broker: Callable[..., CredentialBroker],
+) -> None:
+    # Multiprocess mode's gauges are written only by a process that served a request: each
+    # warm-up call is one hit or one miss, and neither counts, even when the role is cached.
+    from stscreds._asgi import run_warm_up
+
+    broker = make_broker()
+    collector = StscredsCollector(broker, multiprocess=True, sync_interval=3600)
+    try:
+        mirror = collector._mirror
+        assert mirror is not None
+        role = Role(f"arn:aws:iam::{ACCOUNT}:role/warm", subject="tenant:warm")
+        assert await run_warm_up(broker, [role]) == 1  # a miss
+        assert await run_warm_up(broker, [role]) == 1  # a hit: already cached
+        assert (broker.stats.misses, broker.stats.hits) == (1, 1)
+        assert not mirror._served()
+        await broker.get(role)  # a request
+        assert mirror._served()
+    finally:
+        collector.close()

@@ -313,7 +313,8 @@ class _Mirror:
     def _served(self) -> bool:
         # Requests, not a start-up warm-up: a gunicorn master that warmed up before forking
         # never serves, and its gauges would sit in the workers' figures, never refreshed.
-        return any(b.stats.hits or b.stats.misses > b.stats.warm_ups for b in self._brokers)
+        # Each warm-up call is one hit or one miss (a role warmed up again may be cached).
+        return any(b.stats.hits + b.stats.misses > b.stats.warm_ups for b in self._brokers)
 
     def _counters(
         self, snapshots: list[dict[str, Any]]
@@ -363,8 +364,10 @@ class _Mirror:
                     (metric.labels(**labels) if labels else metric).set(value)
 
     def _after_fork(self) -> None:
-        # The parent's thread does not exist here; its lock may have been held at the fork.
+        # The parent's thread does not exist here; its lock may have been held at the fork,
+        # and so may its stop event's (taken as that thread enters and leaves its wait).
         self._lock = threading.Lock()
+        self._stop = threading.Event()
         # Metrics made in the parent write the parent's files: make new ones on first use.
         self._metrics = {}
         # The parent copies its own figures; this child copies only what it adds from now.
