@@ -10,9 +10,12 @@ venv: $(STAMP)
 
 # Re-install when the dependency list changes; the stamp keeps `make test` fast otherwise.
 $(STAMP): pyproject.toml
+	@echo "==> creating the virtual environment in $(VENV) (first run: about a minute)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "==> upgrading pip"
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@echo "==> installing stscreds and its development dependencies"
+	$(PY) -m pip install --disable-pip-version-check --progress-bar on -e '.[dev]'
 	touch $@
 
 demo: venv

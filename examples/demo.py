@@ -65,6 +65,11 @@ class CountingSTS:
         self._thread.join()
 
 
+def step(what: str) -> None:
+    """One line per step, at once: a newcomer sees what is going on."""
+    print(f"demo: {what}", flush=True)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -154,16 +159,21 @@ def main() -> int:
             "--log-level",
             "warning",
         ]
-        print(f"demo: local STS (moto) at {sts.url}; app at {base}")
+        step(f"local STS (moto) at {sts.url}")
+        step(f"starting examples/fastapi_app.py under uvicorn at {base}")
         app = subprocess.Popen(command, cwd=ROOT, env=env)
         try:
             wait_ready(f"{base}/.well-known/openid-configuration", app)
+            total = BIG_BURST + len(SMALL_TENANTS) * SMALL_BURST
+            step(f"sending {total:,} requests at once for {1 + len(SMALL_TENANTS)} tenants")
             started = time.perf_counter()
             latencies, statuses = asyncio.run(burst(port))
             elapsed = time.perf_counter() - started
             # The burst's latency is mostly queueing (1,000 connections at once, one worker);
             # one request at a time shows what a cache hit costs a request.
+            step("sending 200 requests one at a time (cache hits)")
             single = asyncio.run(one_at_a_time(port, 200))
+            step("reading the app's /metrics")
             metrics = stscreds_metrics(base)
         finally:
             app.terminate()
@@ -171,6 +181,7 @@ def main() -> int:
         roles = 1 + len(SMALL_TENANTS)
         failed = sum(1 for s in statuses if s != 200)
         requests = len(statuses)
+        print()
         print(f"requests      {requests} ({failed} failed) in {elapsed:.2f}s")
         print(f"roles         {roles}")
         print(f"STS calls     {sts.calls} (one per request without stscreds: {requests})")

@@ -11,7 +11,10 @@ decided this caller gets no AWS access, which is a refusal, not a missing login.
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException
+try:
+    from fastapi import Depends, HTTPException
+except ImportError as _error:  # the module is for FastAPI apps; stscreds does not need it
+    raise ImportError("stscreds.fastapi needs FastAPI: pip install fastapi") from _error
 from starlette.requests import HTTPConnection
 
 from ._asgi import ResolverCheck, error_body, retry_after_header
