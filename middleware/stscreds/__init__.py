@@ -6,6 +6,7 @@ AssumeRoleWithWebIdentity, caches the result per identity and refreshes it ahead
 
 from ._asgi import CredentialsMiddleware
 from ._broker import BrokerStats, CredentialBroker
+from ._budget import StsBudget
 from ._clock import Clock, SystemClock
 from ._credentials import Credentials
 from ._errors import CredentialsRejected, CredentialsUnavailable, STSUnavailable
@@ -28,6 +29,7 @@ __all__ = [
     "Role",
     "STSUnavailable",
     "SigningKey",
+    "StsBudget",
     "SystemClock",
 ]
 

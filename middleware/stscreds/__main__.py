@@ -61,7 +61,7 @@ def _store_key(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the stscreds command line; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m stscreds", description=__doc__)
+    parser = argparse.ArgumentParser(prog="stscreds", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     keygen = commands.add_parser("keygen", help="write a new private signing key (mode 0600)")
     keygen.add_argument("--alg", default="RS256", choices=_ALGS)
