@@ -1,16 +1,20 @@
 """FastAPI: an ``Annotated`` dependency hands each route the request's AWS credentials.
 
 Run: uvicorn examples.fastapi_app:app  (configuration: see examples/settings.py;
-STSCREDS_S3_ENDPOINT overrides the S3 endpoint)
+STSCREDS_S3_ENDPOINT overrides the S3 endpoint, for both botocore and aiobotocore)
 
-Routes: /whoami, /objects (send X-Tenant), /reports (any caller), and /metrics (Prometheus;
-one process: for gunicorn or uvicorn --workers see docs/operations.md).
+Routes: /whoami, /objects (send X-Tenant), /objects-async (the same with aiobotocore, on the
+event loop; needs ``pip install 'stscreds[aio]'``), /reports (any caller), and /metrics
+(Prometheus; one process: for gunicorn or uvicorn --workers see docs/operations.md).
+The app's lifespan closes the aiobotocore clients at shutdown.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header
@@ -18,7 +22,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from examples.settings import ACCOUNT_ID, make_broker, role_for_tenant
-from stscreds import Credentials, CredentialsMiddleware, Role
+from stscreds import Credentials, CredentialsMiddleware, Role, aio
 from stscreds.aws import client
 from stscreds.fastapi import AwsCredentials, credentials_for
 from stscreds.prometheus import StscredsCollector
@@ -46,7 +50,15 @@ def resolve_role(scope: dict[str, Any]) -> Role | None:
 REPORTS_ROLE = Role(f"arn:aws:iam::{ACCOUNT_ID}:role/reports", subject="reports")
 ReportsCredentials = Annotated[Credentials, Depends(credentials_for(REPORTS_ROLE, broker=broker))]
 
-app = FastAPI(title="stscreds example")
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """At shutdown, close the aiobotocore clients (and their aiohttp sessions)."""
+    yield
+    await aio.aclose()
+
+
+app = FastAPI(title="stscreds example", lifespan=lifespan)
 app.add_middleware(CredentialsMiddleware, broker=broker, resolve_role=resolve_role)
 
 
@@ -65,6 +77,21 @@ def objects(credentials: AwsCredentials, x_tenant: Annotated[str, Header()]) -> 
     return list_bucket(credentials, f"tenant-{x_tenant}")
 
 
+# ``async def``: aiobotocore does not block, so this route runs on the event loop.
+@app.get("/objects-async")
+async def objects_async(
+    credentials: AwsCredentials, x_tenant: Annotated[str, Header()]
+) -> dict[str, Any]:
+    """List the tenant's bucket and read every object in it, with aiobotocore."""
+    bucket = f"tenant-{x_tenant}"
+    # A ready client, cached per credentials: do not close it, the lifespan does.
+    s3 = await aio.client(credentials, "s3", region=REGION, endpoint_url=S3_ENDPOINT)
+    listed = await s3.list_objects_v2(Bucket=bucket)
+    keys = [item["Key"] for item in listed.get("Contents", [])]
+    bodies = await asyncio.gather(*(read_object(s3, bucket, key) for key in keys))
+    return {"bucket": bucket, "keys": keys, "sizes": [len(body) for body in bodies]}
+
+
 @app.get("/reports")
 def reports(credentials: ReportsCredentials) -> dict[str, Any]:
     """List the reports bucket with the reports role, whoever the caller is."""
@@ -81,3 +108,10 @@ def list_bucket(credentials: Credentials, bucket: str) -> dict[str, Any]:
     s3 = client(credentials, "s3", region=REGION, endpoint_url=S3_ENDPOINT)
     listed = s3.list_objects_v2(Bucket=bucket)
     return {"bucket": bucket, "keys": [item["Key"] for item in listed.get("Contents", [])]}
+
+
+async def read_object(s3: Any, bucket: str, key: str) -> bytes:
+    response = await s3.get_object(Bucket=bucket, Key=key)
+    async with response["Body"] as body:  # releases the connection, even on an error
+        data: bytes = await body.read()
+    return data

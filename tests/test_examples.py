@@ -171,6 +171,55 @@ def test_fastapi_app(strict_sts: StrictSTS, example_env: dict[str, str], tmp_pat
     assert_clean(app.output)
 
 
+COUNT_OPEN_SESSIONS_AT_EXIT = """
+import atexit, gc, signal, sys
+
+def count_open_sessions():
+    import aiohttp
+    left = [o for o in gc.get_objects() if isinstance(o, aiohttp.ClientSession) and not o.closed]
+    print(f"aiohttp sessions left open: {len(left)}", flush=True)
+
+atexit.register(count_open_sessions)
+# uvicorn shuts down on SIGTERM, then raises it again for the handler it found: exit normally.
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+from uvicorn.main import main
+main()
+"""
+
+
+def test_fastapi_app_async_route_with_aiobotocore(
+    strict_sts: StrictSTS, example_env: dict[str, str], tmp_path: Path
+) -> None:
+    # uvicorn's own command line, plus a count at exit of the aiohttp sessions (one per
+    # aiobotocore client used) still open: the lifespan's aio.aclose() must leave none.
+    uvicorn_main, *arguments = uvicorn("examples.fastapi_app:app", port_of(example_env))[2:]
+    assert uvicorn_main == "uvicorn"
+    command = [sys.executable, "-c", COUNT_OPEN_SESSIONS_AT_EXIT, *arguments]
+    example_env["PYTHONWARNINGS"] = "always::ResourceWarning"
+    tenants = [{"X-Tenant": "acme"}, {"X-Tenant": "beta"}] * 10
+    with running(command, example_env, tmp_path) as app:
+        listed = app.get_many("/objects-async", tenants)
+        blocking = app.get("/objects", **{"X-Tenant": "acme"})  # the sync route still works
+        again = app.get("/objects-async", **{"X-Tenant": "acme"})
+        refused = app.get("/objects-async")
+    assert {r.status_code for r in listed} == {200}
+    expected = {
+        tenant: {"bucket": f"tenant-{tenant}", "keys": keys, "sizes": [1] * len(keys)}
+        for tenant in ("acme", "beta")
+        for keys in [OBJECTS[f"tenant-{tenant}"]]
+    }
+    assert [r.json() for r in listed] == [expected[h["X-Tenant"]] for h in tenants]
+    assert again.json() == expected["acme"]
+    assert blocking.json() == {"bucket": "tenant-acme", "keys": OBJECTS["tenant-acme"]}
+    assert refused.status_code == 403
+    assert strict_sts.calls_for(ACME_ARN) == strict_sts.calls_for(BETA_ARN) == 1
+    assert "Application shutdown complete" in app.output
+    assert "aiohttp sessions left open: 0\n" in app.output
+    assert "Unclosed" not in app.output
+    assert "ResourceWarning" not in app.output
+    assert_clean(app.output)
+
+
 def test_starlette_app_with_warm_up(
     strict_sts: StrictSTS, example_env: dict[str, str], tmp_path: Path
 ) -> None:
