@@ -1,12 +1,29 @@
 """Flask: CredentialsWSGIMiddleware gives each request its tenant's AWS credentials.
 
-Run: flask --app examples.flask_app run
- or: gunicorn --preload --workers 2 --threads 8 examples.flask_app:app
-(configuration: see examples/settings.py; STSCREDS_S3_ENDPOINT overrides the S3 endpoint and
-STSCREDS_WARM_UP names tenants, comma-separated, whose credentials are fetched at start-up).
+Run, from the repository root: ``flask --app examples.flask_app run --port 8000``
+ or: ``gunicorn --preload --workers 2 --threads 8 examples.flask_app:app``
+(port 8000 is the default issuer's, and flask's own default is 5000; elsewhere set
+STSCREDS_ISSUER to the URL the app is served at).
 
-Routes: /whoami, /objects (send X-Tenant), and /metrics (Prometheus). Under gunicorn with
-several workers each scrape reaches one worker: see docs/operations.md for multiprocess mode.
+Routes (GET):
+
+- /whoami: the tenant's credentials, ``{"access_key_id_tail", "expiration", "pid"}`` (pid:
+  the worker that answered); 400 without an X-Tenant header (or with a tenant name that is
+  not alphanumeric).
+- /objects: the keys of the tenant's bucket, tenant-<X-Tenant>, listed with its credentials.
+- /metrics: every metric of the default Prometheus registry, stscreds_* included. Under
+  gunicorn with several workers each scrape reaches one worker: see docs/operations.md for
+  multiprocess mode.
+- /.well-known/openid-configuration and /.well-known/jwks.json (under the issuer URL's
+  path, if it has one): the issuer's OIDC documents, answered by the middleware.
+
+Environment variables:
+
+- STSCREDS_ISSUER, STSCREDS_KEY_FILE, STSCREDS_STS_ENDPOINT, STSCREDS_REGION (STS's and S3's
+  region), STSCREDS_ACCOUNT_ID: see examples/settings.py.
+- STSCREDS_S3_ENDPOINT: S3 endpoint override (default: AWS S3).
+- STSCREDS_WARM_UP: tenant names, comma-separated, whose credentials are fetched at start-up
+  (under gunicorn --preload, once, in the master: every worker starts warm).
 """
 
 from __future__ import annotations

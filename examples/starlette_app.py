@@ -1,11 +1,25 @@
 """Starlette: each request for a tenant (X-Tenant header) gets that tenant's AWS credentials.
 
-Run: uvicorn examples.starlette_app:app  (configuration: see examples/settings.py;
-STSCREDS_S3_ENDPOINT overrides the S3 endpoint and STSCREDS_WARM_UP names tenants,
-comma-separated, whose credentials are fetched in the background at start-up).
+Run, from the repository root: ``uvicorn examples.starlette_app:app`` (port 8000, the default
+issuer's; elsewhere set STSCREDS_ISSUER to the URL the app is served at).
 
-Routes: /whoami, /objects (send X-Tenant), and /metrics (Prometheus; one process: for
-gunicorn or uvicorn --workers see docs/operations.md).
+Routes (GET):
+
+- /whoami: the tenant's credentials, ``{"access_key_id_tail", "expiration"}``; 400 without
+  an X-Tenant header (or with a tenant name that is not alphanumeric).
+- /objects: the keys of the tenant's bucket, tenant-<X-Tenant>, listed with its credentials.
+- /metrics: every metric of the default Prometheus registry, stscreds_* included (one
+  process: for gunicorn or uvicorn --workers see docs/operations.md).
+- /.well-known/openid-configuration and /.well-known/jwks.json (under the issuer URL's
+  path, if it has one): the issuer's OIDC documents, answered by CredentialsMiddleware.
+
+Environment variables:
+
+- STSCREDS_ISSUER, STSCREDS_KEY_FILE, STSCREDS_STS_ENDPOINT, STSCREDS_REGION (STS's and S3's
+  region), STSCREDS_ACCOUNT_ID: see examples/settings.py.
+- STSCREDS_S3_ENDPOINT: S3 endpoint override (default: AWS S3).
+- STSCREDS_WARM_UP: tenant names, comma-separated, whose credentials are fetched in the
+  background at start-up.
 """
 
 from __future__ import annotations

@@ -4,7 +4,11 @@ uvicorn (ASGI) and under a threaded WSGI server, against a strict STS on loopbac
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,7 +28,10 @@ from stscreds import (
     CredentialsWSGIMiddleware,
     Role,
     SigningKey,
+    SystemClock,
 )
+from stscreds._budget import StsBudget
+from stscreds.stores import MemoryStore
 
 ISSUER = "http://127.0.0.1:9/django"
 ACME = Role("arn:aws:iam::123456789012:role/tenant-acme")
@@ -295,10 +302,14 @@ def test_broker_from_settings_with_key_files_first_one_signs(tmp_path: Any) -> N
     ("options", "match"),
     [
         pytest.param({"KEYS": ["x"]}, r"ISSUER'\] is required", id="no-issuer"),
-        pytest.param({"ISSUER": "https://i.example.com"}, "KEY_FILE or KEYS", id="no-key"),
+        pytest.param(
+            {"ISSUER": "https://i.example.com"},
+            "one of SIGNING_KEYS, KEYS or KEY_FILE",
+            id="no-key",
+        ),
         pytest.param(
             {"ISSUER": "https://i.example.com", "KEYS": [], "KEY_FILE": "k.pem"},
-            "KEY_FILE or KEYS",
+            "one of SIGNING_KEYS, KEYS or KEY_FILE",
             id="both-keys",
         ),
         pytest.param({"ISSUER": "https://i.example.com", "KEYS": []}, "non-empty", id="no-keys"),
@@ -314,8 +325,34 @@ def test_broker_from_settings_with_key_files_first_one_signs(tmp_path: Any) -> N
         ),
         pytest.param(
             {"ISSUER": "https://i.example.com", "KEYS": ["x"], "REGOIN": "eu-west-1"},
-            "unknown keys.*REGOIN",
+            r"unknown key 'REGOIN' \(did you mean 'REGION'\?\); "
+            r"the valid keys are .*REQUEST_TIMEOUT",
             id="typo",
+        ),
+        pytest.param(
+            {"ISSUER": "https://i.example.com", "KEYS": ["x"], "region": "eu-west-1"},
+            r"unknown key 'region' \(did you mean 'REGION'\?\)",
+            id="lower-case",
+        ),
+        pytest.param(
+            {"ISSUER": "https://i.example.com", "KEYS": ["x"], "SIGNING_KEYS": ["x"]},
+            "one of SIGNING_KEYS, KEYS or KEY_FILE",
+            id="keys-twice",
+        ),
+        pytest.param(
+            {"ISSUER": "https://i.example.com", "KEYS": ["x"], "CACHE_SIZE": 0},
+            r"\['CACHE_SIZE'\]: must be an integer",
+            id="bad-value-names-the-key",
+        ),
+        pytest.param(
+            {"ISSUER": "https://i.example.com", "KEYS": ["x"], "REQUEST_TIMEOUT": "20"},
+            r"\['REQUEST_TIMEOUT'\]: must be a positive number",
+            id="str-for-a-number",
+        ),
+        pytest.param(
+            {"ISSUER": "https://i.example.com", "KEYS": ["x"], "STS_BUDGET": {"burst": -1}},
+            r"\['STS_BUDGET'\]: burst: must be a positive number",
+            id="bad-budget",
         ),
         pytest.param({"ISSUER": "http://example.com", "KEYS": ["x"]}, "https", id="http-issuer"),
     ],
@@ -323,10 +360,124 @@ def test_broker_from_settings_with_key_files_first_one_signs(tmp_path: Any) -> N
 def test_broker_from_settings_says_what_is_wrong(options: dict[str, Any], match: str) -> None:
     from stscreds.django import broker_from_settings
 
-    if options.get("KEYS") == ["x"]:
-        options["KEYS"] = [SigningKey.generate("ES256")]
+    for name in ("KEYS", "SIGNING_KEYS"):
+        if options.get(name) == ["x"]:
+            options[name] = [SigningKey.generate("ES256")]
     with pytest.raises(ImproperlyConfigured, match=match):
         broker_from_settings(options)
+
+
+# Every keyword argument of CredentialBroker, read from its signature: a new argument is
+# tested (and must be accepted from settings) the day it is added. A value differing from the
+# default where one is given here; otherwise the default itself, which still has to arrive.
+BROKER_PARAMETERS = [
+    parameter
+    for parameter in inspect.signature(CredentialBroker.__init__).parameters.values()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+]
+SAMPLE_KEY = SigningKey.generate("ES256")
+# name -> (settings value, what the broker must receive)
+BROKER_SAMPLES: dict[str, tuple[Any, Any]] = {
+    "issuer": ("https://issuer.example.com/app", "https://issuer.example.com/app"),
+    "signing_keys": ([SAMPLE_KEY], [SAMPLE_KEY]),
+    "region": ("eu-west-1", "eu-west-1"),
+    "sts_endpoint_url": ("https://sts.example.com", "https://sts.example.com"),
+    "audience": ("my-audience", "my-audience"),
+    "default_subject": ("svc", "svc"),
+    "token_ttl": (120, 120),
+    "cache_size": (50, 50),
+    "connect_timeout": (1.5, 1.5),
+    "read_timeout": (3.0, 3.0),
+    "exchange_deadline": (7.0, 7.0),
+    "max_attempts": (2, 2),
+    "max_workers": (3, 3),
+    "request_timeout": (12.0, 12.0),
+    "advisory_window": (600.0, 600.0),
+    "refresh_backoff": ([1.0, 2.0], (1.0, 2.0)),  # settings from JSON or env: lists
+    "sts_budget": (StsBudget(initial_rate=2.0), None),  # None: the very object
+    "negative_ttl": ([2.0, 3.0], (2.0, 3.0)),
+    "transient_negative_ttl": ([0, 0], (0, 0)),
+    "store": (MemoryStore(allow_plaintext=True), None),
+    "store_timeout": (0.5, 0.5),
+    "store_cooldown": (2.0, 2.0),
+    "lease_ttl": (30.0, 30.0),
+    "clock": (SystemClock(), None),
+}
+
+
+@pytest.fixture
+def broker_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
+    """The keyword arguments each broker built by stscreds.django received (brokers are real)."""
+    import stscreds.django
+
+    calls: list[dict[str, Any]] = []
+    brokers: list[CredentialBroker] = []
+
+    class RecordingBroker(CredentialBroker):
+        def __init__(self, **kwargs: Any) -> None:
+            calls.append(kwargs)
+            super().__init__(**kwargs)
+            brokers.append(self)
+
+    monkeypatch.setattr(stscreds.django, "CredentialBroker", RecordingBroker)
+    yield calls
+    for broker in brokers:
+        broker.close()
+
+
+@pytest.mark.parametrize("parameter", BROKER_PARAMETERS, ids=lambda p: p.name.upper())
+def test_every_broker_argument_is_a_setting_and_reaches_the_broker(
+    parameter: inspect.Parameter, broker_calls: list[dict[str, Any]]
+) -> None:
+    from stscreds.django import broker_from_settings
+
+    name = parameter.name
+    if name in BROKER_SAMPLES:
+        value, expected = BROKER_SAMPLES[name]
+        expected = value if expected is None else expected
+    else:
+        assert parameter.default is not parameter.empty, f"add a sample for {name} to this test"
+        value = expected = parameter.default
+    options = {"ISSUER": "https://issuer.example.com/app", "SIGNING_KEYS": [SAMPLE_KEY]}
+    options[name.upper()] = value
+    with override_settings(STSCREDS=options):
+        broker_from_settings()
+    (received,) = broker_calls
+    assert name in received
+    if expected is value and not isinstance(value, str | int | float | list):
+        assert received[name] is value
+    else:
+        assert received[name] == expected
+        assert type(received[name]) is type(expected)
+
+
+def test_the_module_docstring_names_every_setting() -> None:
+    import stscreds.django
+
+    keys = [parameter.name.upper() for parameter in BROKER_PARAMETERS]
+    keys += ["KEYS", "KEY_FILE", "WARM_UP", "HEALTH_PATH", "SERVE_OIDC", "OIDC_MAX_AGE"]
+    doc = stscreds.django.__doc__ or ""
+    assert [key for key in keys if key not in doc] == []
+    assert "INSTALLED_APPS" in doc
+
+
+def test_signing_keys_as_pem_text_and_sts_budget_as_a_dict(
+    broker_calls: list[dict[str, Any]],
+) -> None:
+    from stscreds.django import broker_from_settings
+
+    rsa = SigningKey.generate("RS256")
+    options = {
+        "ISSUER": "https://issuer.example.com",
+        "SIGNING_KEYS": [SAMPLE_KEY.to_pem().decode(), rsa.to_pem()],  # str and bytes
+        "STS_BUDGET": {"initial_rate": 2, "BURST": 4},
+    }
+    broker = broker_from_settings(options)
+    assert [k["kid"] for k in broker.jwks()["keys"]] == [SAMPLE_KEY.kid, rsa.kid]
+    budget = broker_calls[0]["sts_budget"]
+    assert isinstance(budget, StsBudget)
+    assert (budget.initial_rate, budget.burst) == (2.0, 4.0)
+    assert broker.sts_budget is budget
 
 
 def test_missing_stscreds_setting_is_improperly_configured() -> None:
@@ -354,6 +505,91 @@ def test_warm_up_from_settings_and_the_factories_use_it(
     assert asgi.warm_up == wsgi.warm_up == (ACME, BETA)
     with pytest.raises(ImproperlyConfigured, match="WARM_UP"):
         warm_up_from_settings({"WARM_UP": ["not-an-arn"]})
+
+
+def call_asgi(app: Any, path: str) -> httpx.Response:
+    async def get() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get(path)
+
+    return asyncio.run(get())
+
+
+def call_wsgi(app: Any, path: str) -> httpx.Response:
+    with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://test") as client:
+        return client.get(path)
+
+
+async def plain_asgi(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 299, "headers": []})
+    await send({"type": "http.response.body", "body": b"app"})
+
+
+def plain_wsgi(environ: Any, start_response: Any) -> list[bytes]:
+    start_response("299 App", [])
+    return [b"app"]
+
+
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+def test_middleware_options_from_settings(
+    make_broker: Callable[..., CredentialBroker], kind: str
+) -> None:
+    from stscreds.django import asgi_application, wsgi_application
+
+    config = "/django/.well-known/openid-configuration"  # ISSUER's path
+    base = {"ISSUER": ISSUER, "KEYS": [SAMPLE_KEY]}
+    factory, call, app = (
+        (asgi_application, call_asgi, plain_asgi)
+        if kind == "asgi"
+        else (wsgi_application, call_wsgi, plain_wsgi)
+    )
+    made: list[Any] = []
+
+    def build(options: dict[str, Any], **arguments: Any) -> Any:
+        with override_settings(STSCREDS={**base, **options}):
+            made.append(
+                factory(app, resolve_role=lambda r: None, broker=make_broker(), **arguments)
+            )
+        return made[-1]
+
+    try:
+        healthy = build({"HEALTH_PATH": "/healthz", "OIDC_MAX_AGE": 60})
+        assert call(healthy, "/healthz").json()["status"] in ("ok", "degraded")
+        assert call(healthy, config).headers["cache-control"] == "public, max-age=60"
+        silent = build({"SERVE_OIDC": False})
+        assert call(silent, config).status_code == 299  # passed on to the app
+        assert call(silent, "/healthz").status_code == 299
+        # An argument given to the factory wins over the setting.
+        explicit = build({"HEALTH_PATH": "/healthz"}, health_path="/ready")
+        assert call(explicit, "/ready").status_code == 200
+        assert call(explicit, "/healthz").status_code == 299
+        with pytest.raises(ImproperlyConfigured, match=r"\['HEALTH_PATH'\]: must be None or"):
+            build({"HEALTH_PATH": "healthz"})
+        with pytest.raises(ValueError, match="health_path"):  # an argument: not a setting
+            build({}, health_path="healthz")
+    finally:
+        for middleware in made:
+            if kind == "wsgi":
+                middleware.close()
+
+
+def test_help_without_django_settings(tmp_path: Any) -> None:
+    """help(stscreds.django) where no settings are configured: importing and inspecting the
+    module never reads settings (django.conf.settings is lazy and raises when touched)."""
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    script = (
+        "import pydoc, stscreds.django\n"
+        "help(stscreds.django)\n"
+        "assert 'broker_from_settings' in pydoc.render_doc(stscreds.django)\n"
+        "from django.conf import settings\n"
+        "assert not settings.configured\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "INSTALLED_APPS" in result.stdout
 
 
 def test_factory_builds_the_broker_from_settings() -> None:

@@ -1,4 +1,4 @@
-"""ASGI entry point: ``uvicorn examples.django_project.asgi:application``.
+"""ASGI entry point: ``uvicorn examples.django_project.asgi:application`` (repository root).
 
 CredentialsMiddleware answers the lifespan protocol itself (Django cannot) and runs the
 STSCREDS["WARM_UP"] fetches at start-up.

@@ -1,4 +1,9 @@
-"""WSGI entry point: ``gunicorn --threads 8 examples.django_project.wsgi:application``."""
+"""WSGI entry point: ``gunicorn --threads 8 examples.django_project.wsgi:application``.
+
+``manage.py runserver`` serves it too (settings.WSGI_APPLICATION). STSCREDS["WARM_UP"] starts
+as this module is imported, before runserver listens: with an STS that fetches the JWKS from
+this very app, that first try fails, is logged, and requests try again.
+"""
 
 import contextlib
 import os

@@ -51,7 +51,7 @@ CLIENT_CACHE_SIZE = 256
 #: Seconds between a client leaving the cache and its close, for calls still using it.
 CLOSE_DELAY = 60.0
 
-_logger = logging.getLogger("stscreds")
+logger = logging.getLogger("stscreds")
 
 _Key = tuple[Any, ...]
 
@@ -206,7 +206,8 @@ async def _close(made: Any) -> None:
     try:
         await made.__aexit__(None, None, None)
     except Exception as error:  # a close that fails must not stop the others
-        _logger.warning("stscreds.aio: closing an aiobotocore client failed: %r", error)
+        # The type only: a backend's message may quote a request.
+        logger.warning("closing an aiobotocore client failed (%s)", type(error).__name__)
 
 
 def _load_models(session: Any, service: str) -> None:
