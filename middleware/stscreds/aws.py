@@ -1,27 +1,54 @@
-"""Using the credentials: botocore clients (cached, thread-safe) and boto3 sessions.
+"""Using the credentials: botocore clients (cached, thread-safe), boto3 sessions, and
+refreshable botocore credentials for long-lived clients.
 
 A fresh botocore session re-reads the service models: about 250 ms for a first S3 client,
 on every request that makes one. ``client()`` instead creates clients on one shared session
 (15-25 ms each) and keeps the last ones made, so a request whose credentials came from the
 cache gets its client from a dictionary too (a few microseconds).
+
+``refreshable(broker, role)`` is for a client made once and used for hours: its credentials
+ask the broker again only when the broker's own plan says a refresh is due.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import threading
+from collections.abc import Coroutine
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import botocore.session
 from botocore.config import Config
+from botocore.credentials import (
+    CredentialProvider,
+    CredentialResolver,
+    DeferredRefreshableCredentials,
+    ReadOnlyCredentials,
+)
 from cachetools import LRUCache
 
+from ._broker import CredentialBroker
+from ._cache import MANDATORY_WINDOW
 from ._credentials import Credentials
+from ._errors import STSUnavailable
+from ._roles import Role
+from ._wsgi import _loop_for, _LoopThread
 
 if TYPE_CHECKING:
     import boto3
 
-__all__ = ["CLIENT_CACHE_SIZE", "DEFAULT_CONFIG", "boto3_session", "client"]
+__all__ = [
+    "CLIENT_CACHE_SIZE",
+    "DEFAULT_CONFIG",
+    "BrokerCredentials",
+    "boto3_session",
+    "client",
+    "refreshable",
+    "refreshable_session",
+]
 
 #: Timeouts for the clients made here: botocore's 60 s defaults are far too long for a
 #: request path. A ``config`` passed to ``client()`` is merged over this one.
@@ -97,6 +124,243 @@ def boto3_session(credentials: Credentials, region: str | None = None) -> boto3.
             "(or use stscreds.aws.client, which needs only botocore)"
         ) from None
     return boto3.Session(region_name=region, **credentials.boto3_kwargs())
+
+
+#: The ``method`` botocore reports for credentials from ``refreshable()``.
+METHOD = "stscreds"
+# After an answer that brought nothing newer (a background refresh still running, or STS
+# failing while the cached credentials are still served), botocore asks again this many
+# seconds later, not on every call.
+_ASK_AGAIN = 1.0
+_DEADLOCK = (
+    "stscreds: no valid cached credentials for {arn}, and refreshing them here would "
+    "deadlock: this thread runs the broker's event loop, which the refresh needs. Call "
+    "botocore from a worker thread (asyncio.to_thread, run_in_executor) or await "
+    "broker.get(role) before using the client here"
+)
+
+
+class BrokerCredentials(DeferredRefreshableCredentials):  # type: ignore[misc]
+    """botocore RefreshableCredentials whose refreshes go through a CredentialBroker."""
+
+    # botocore's 10 min would block every caller for most of a 15 min grant: the broker's
+    # mandatory window (its last 60 s) instead. The advisory point is set per answer.
+    _mandatory_refresh_timeout = MANDATORY_WINDOW
+
+    def __init__(
+        self,
+        broker: CredentialBroker,
+        role: Role,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        if not isinstance(broker, CredentialBroker):
+            raise TypeError("broker: must be a CredentialBroker")
+        if not isinstance(role, Role):
+            raise TypeError("role: must be a stscreds Role")
+        if loop is not None and not isinstance(loop, asyncio.AbstractEventLoop):
+            raise TypeError("loop: must be None or an asyncio event loop")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+        ):
+            raise ValueError("timeout: must be None or a positive number of seconds")
+        super().__init__(refresh_using=self._fetch, method=METHOD, time_fetcher=self._sts_now)
+        self._advisory_refresh_timeout: float = MANDATORY_WINDOW
+        self.broker = broker
+        self.role = role
+        #: Seconds a thread waits for the broker's answer (a cache miss waits for STS).
+        self.timeout = broker.request_timeout + 1.0 if timeout is None else float(timeout)
+        self._loop = loop
+        # Without a loop: the broker's own loop thread, shared with the WSGI middleware (one
+        # loop per broker, so every thread shares its single-flight), started on first use.
+        self._loop_thread: _LoopThread | None = None if loop is not None else _loop_for(broker)
+        self._released = False
+
+    def get_frozen_credentials(self) -> Any:
+        """Credentials to sign one request with, refreshed through the broker when due."""
+        if self._on_broker_loop():
+            return self._frozen_on_loop()
+        self._refresh_off_loop()
+        return self._frozen_credentials
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop using the broker's loop thread (the last user stops it); refreshes then fail."""
+        if self._loop_thread is not None and not self._released:
+            self._released = True
+            self._loop_thread.release(timeout)
+
+    def _refresh(self) -> None:
+        # Every botocore path (get_frozen_credentials, the access_key/secret_key/token
+        # properties) comes here; on the broker's loop botocore's blocking refresh, or its
+        # refresh lock held by a thread waiting for this very loop, would hang it for good.
+        if self._on_broker_loop():
+            self._frozen_on_loop()
+        else:
+            self._refresh_off_loop()
+
+    def _refresh_off_loop(self) -> None:
+        # botocore's own: lock-free while no refresh is due; then one thread asks the broker
+        # (the others keep the current credentials, or wait in the mandatory window).
+        super()._refresh()
+
+    def _on_broker_loop(self) -> bool:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        loop = self._loop if self._loop_thread is None else self._loop_thread._loop
+        return running is loop
+
+    def _frozen_on_loop(self) -> Any:
+        # Never waits: the broker's cache, which also starts the background refresh when one
+        # is due (the thread is the broker's loop, where that is allowed).
+        frozen = self._frozen_credentials
+        if frozen is not None and not self.refresh_needed():
+            return frozen
+        credentials = self.broker.get_cached(self.role)
+        if credentials is None:
+            raise RuntimeError(_DEADLOCK.format(arn=self.role.arn))
+        return ReadOnlyCredentials(
+            credentials.access_key_id, credentials.secret_access_key, credentials.session_token
+        )
+
+    def _sts_now(self) -> datetime:
+        # STS's clock as the broker learned it, counted ahead by its uncertainty: what
+        # botocore sees left before expiry is what the broker plans with.
+        sts_clock = self.broker.sts_clock
+        return datetime.fromtimestamp(sts_clock.now() + sts_clock.margin, timezone.utc)
+
+    def _fetch(self) -> dict[str, str]:
+        # botocore's refresh_using, called under its refresh lock, off the broker's loop.
+        mandatory = self.refresh_needed(self._mandatory_refresh_timeout)
+        try:
+            credentials = self.broker.peek(self.role)
+            if credentials is None:
+                credentials = self._get_on_loop()
+        except Exception:
+            if not mandatory:
+                # botocore keeps the current credentials and logs a warning: once a second
+                # at most, not on every call.
+                expiry = self._expiry_time
+                if expiry is not None:
+                    left = (expiry - self._sts_now()).total_seconds()
+                    self._advisory_refresh_timeout = left - _ASK_AGAIN
+            raise
+        self._advisory_refresh_timeout = self._ask_before_expiry(credentials)
+        return {
+            "access_key": credentials.access_key_id,
+            "secret_key": credentials.secret_access_key,
+            "token": credentials.session_token,
+            "expiry_time": credentials.expiration.isoformat(),
+        }
+
+    def _ask_before_expiry(self, credentials: Credentials) -> float:
+        # Seconds before expiry at which botocore asks the broker again: when the broker's
+        # refresh becomes due (its jittered refresh-ahead point, or a retry after a failed
+        # one), so every caller in between is served from botocore's frozen credentials.
+        broker = self.broker
+        sts_clock = broker.sts_clock
+        left = sts_clock.left(credentials.expiration.timestamp())
+        now = sts_clock.local.time()
+        entry = broker._entries.get(broker.identity_key(self.role))
+        if entry is not None and entry.credentials == credentials:
+            due = (
+                entry.refresh_at
+                if now < entry.refresh_at
+                else min(entry.retry_at, entry.mandatory_at)  # after a failed refresh
+            )
+            if due > now:
+                return left - (due - now)
+        return left - _ASK_AGAIN
+
+    def _get_on_loop(self) -> Credentials:
+        role = self.role
+        try:
+            if self._loop_thread is not None:
+                if self._released:
+                    raise RuntimeError("closed")
+                future = self._loop_thread.submit(self.broker.get, role)
+            else:
+                assert self._loop is not None
+                future = _submit(self.broker.get(role), self._loop)
+        except RuntimeError:
+            raise STSUnavailable(
+                "stscreds: the broker's event loop is closed", role_arn=role.arn
+            ) from None
+        try:
+            return future.result(self.timeout)
+        except concurrent.futures.TimeoutError:
+            # Cancels only this wait: the shared exchange goes on for the others.
+            future.cancel()
+            raise STSUnavailable(
+                f"no credentials within {self.timeout:g}s", role_arn=role.arn
+            ) from None
+        except concurrent.futures.CancelledError:
+            raise STSUnavailable(
+                "stscreds: the broker's event loop closed", role_arn=role.arn
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"BrokerCredentials(role_arn={self.role.arn!r}, broker={self.broker!r})"
+
+
+class _BrokerProvider(CredentialProvider):  # type: ignore[misc]
+    """The one entry of a session's credential chain: the broker's refreshable credentials."""
+
+    METHOD = METHOD
+    CANONICAL_NAME = "custom-stscreds"
+
+    def __init__(self, credentials: BrokerCredentials) -> None:
+        super().__init__()
+        self._credentials = credentials
+
+    def load(self) -> BrokerCredentials:
+        """The refreshable credentials (nothing is fetched until a client signs)."""
+        return self._credentials
+
+
+def _submit(
+    coroutine: Coroutine[Any, Any, Credentials], loop: asyncio.AbstractEventLoop
+) -> concurrent.futures.Future[Credentials]:
+    try:
+        return asyncio.run_coroutine_threadsafe(coroutine, loop)
+    except BaseException:
+        coroutine.close()  # never scheduled: no "coroutine was never awaited"
+        raise
+
+
+def refreshable(
+    broker: CredentialBroker,
+    role: Role,
+    *,
+    loop: asyncio.AbstractEventLoop | None = None,
+    timeout: float | None = None,
+) -> BrokerCredentials:
+    """botocore credentials for ``role`` that refresh through ``broker``, from any thread."""
+    return BrokerCredentials(broker, role, loop=loop, timeout=timeout)
+
+
+def refreshable_session(
+    broker: CredentialBroker,
+    role: Role,
+    *,
+    region: str | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
+    timeout: float | None = None,
+) -> Any:
+    """A new botocore Session whose only credentials are ``refreshable(broker, role, ...)``."""
+    credentials = refreshable(broker, role, loop=loop, timeout=timeout)
+    session = botocore.session.get_session()
+    # The public way to give a session its credentials object: its credential chain is a
+    # component; this one has a single provider, so the environment, ~/.aws and instance
+    # metadata are never consulted.
+    session.register_component(
+        "credential_provider", CredentialResolver([_BrokerProvider(credentials)])
+    )
+    if region is not None:
+        session.set_config_variable("region", region)
+    return session
 
 
 def _shared_session() -> Any:
