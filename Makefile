@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stscreds
 
-.PHONY: venv deps demo test lint typecheck check bench soak clean
+.PHONY: venv deps demo test lint typecheck check bench soak clean docs
 
 venv: $(STAMP)
 
@@ -46,6 +46,11 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 check: lint typecheck test
+
+# The documentation site (mkdocs.yml): --strict makes every warning, a broken link
+# included, fail the build.
+docs: venv
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench: venv
 	$(PY) benchmarks/hit_path.py
