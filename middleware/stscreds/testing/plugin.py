@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import pytest
+try:
+    import pytest
+except ImportError as _error:  # pytest loads this module; nothing else should need to
+    raise ImportError("stscreds.testing.plugin is a pytest plugin: pip install pytest") from _error
 
 from .._broker import CredentialBroker
 from ._sts import LocalSTS
