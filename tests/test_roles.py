@@ -1475,3 +1475,99 @@ def test_nesting_beyond_the_limit_is_a_value_error(depth: int, field: str) -> No
 
 def test_nesting_up_to_the_limit_is_accepted() -> None:
     assert Role(ARN, policy='{"a": ' + "[" * 63 + "]" * 63 + "}").policy is not None
+
+
+# --- interning: Role(...) with the same plain arguments returns the Role it made -------------
+
+INTERN_ARN = "arn:aws:iam::123456789012:role/interned"
+INTERN_POLICY = (
+    '{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:*","Resource":"*"}]}'
+)
+
+
+def full_path(*args: Any, **kwargs: Any) -> Role:
+    """A Role validated in full, bypassing the interning table."""
+    return type.__call__(Role, *args, **kwargs)  # type: ignore[no-any-return]
+
+
+def test_the_same_plain_arguments_give_the_same_role() -> None:
+    # New str objects each time, as a resolver building them from a header makes.
+    def build() -> Role:
+        tenant = "".join(["ac", "me"])
+        return Role(f"{INTERN_ARN}-{tenant}", subject=f"tenant:{tenant}", policy=INTERN_POLICY)
+
+    first = build()
+    assert build() is first
+    # Positional and keyword spellings of one call share the entry.
+    assert Role(f"{INTERN_ARN}-acme", "tenant:acme", None, 3600, INTERN_POLICY) is first
+    assert first == full_path(f"{INTERN_ARN}-acme", subject="tenant:acme", policy=INTERN_POLICY)
+    assert (
+        first._canonical
+        == full_path(f"{INTERN_ARN}-acme", subject="tenant:acme", policy=INTERN_POLICY)._canonical
+    )
+
+
+def test_invalid_arguments_are_refused_every_time_even_next_to_a_cached_equal_value() -> None:
+    Role(INTERN_ARN, duration_seconds=3600)  # cached
+    for _ in range(2):
+        with pytest.raises(ValueError, match="duration_seconds"):
+            Role(INTERN_ARN, duration_seconds=3600.0)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="arn"):
+            Role("arn:aws:iam::123:role/short-account")
+        with pytest.raises(ValueError, match="subject"):
+            Role(INTERN_ARN, subject="")
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        Role(INTERN_ARN, tenant="acme")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="arn"):
+        Role()  # type: ignore[call-arg]
+
+
+def test_only_plain_arguments_are_interned() -> None:
+    class Text(str):
+        pass
+
+    plain = Role(INTERN_ARN, subject="s")
+    # A str subclass equal to the plain value is validated in full: an equal Role, not the same.
+    other = Role(Text(INTERN_ARN), subject=Text("s"))
+    assert other == plain and other is not plain
+    # Claims (a mapping) and a mapping policy are never interned.
+    claims = {"tenant": "acme"}
+    assert Role(INTERN_ARN, claims=claims) is not Role(INTERN_ARN, claims=claims)
+    policy = json.loads(INTERN_POLICY)
+    assert Role(INTERN_ARN, policy=policy) is not Role(INTERN_ARN, policy=policy)
+    assert Role(INTERN_ARN, policy=policy) == Role(INTERN_ARN, policy=INTERN_POLICY)
+
+
+def test_the_interning_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stscreds import _roles
+
+    monkeypatch.setattr(_roles, "INTERN_SIZE", 8)
+    table = Role._interned  # type: ignore[attr-defined]
+    monkeypatch.setattr(Role, "_interned", {})
+    for i in range(50):
+        Role(INTERN_ARN, subject=f"s{i}")
+        assert len(Role._interned) <= 8  # type: ignore[attr-defined]
+    # The newest stay; the oldest were dropped (and are simply made again when asked for).
+    newest = Role(INTERN_ARN, subject="s49")
+    assert Role(INTERN_ARN, subject="s49") is newest
+    assert Role(INTERN_ARN, subject="s0") == full_path(INTERN_ARN, subject="s0")
+    assert table is not Role._interned  # type: ignore[attr-defined]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    subject=st.one_of(st.none(), st.text(min_size=1, max_size=40)),
+    duration=st.integers(min_value=800, max_value=44000),
+)
+def test_an_interned_role_is_the_role_validation_would_make(
+    subject: str | None, duration: int
+) -> None:
+    try:
+        expected = full_path(INTERN_ARN, subject=subject, duration_seconds=duration)
+    except ValueError as error:
+        with pytest.raises(ValueError, match=re.escape(str(error))):
+            Role(INTERN_ARN, subject=subject, duration_seconds=duration)
+        return
+    role = Role(INTERN_ARN, subject=subject, duration_seconds=duration)
+    assert role == expected and role._canonical == expected._canonical
+    assert Role(INTERN_ARN, subject=subject, duration_seconds=duration) is role

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -193,8 +194,75 @@ def sanitize_session_name(value: str) -> str:
     return cleaned if len(cleaned) >= 2 else (cleaned + "--")[:2]
 
 
+_UNSET: Any = object()
+#: How many validated Roles are remembered by their constructor arguments (see _Interned).
+INTERN_SIZE = 4096
+_PLAIN = frozenset({str, int, type(None)})
+
+
+class _Interned(type):
+    """``Role(...)`` called again with the same plain arguments returns the Role it made.
+
+    A resolver that builds its Role per request (as the README's examples do) would otherwise
+    validate the ARN, parse the policy and encode the identity on every request: about 20 us
+    with a session policy, twice what the rest of the request costs. Roles are immutable, so
+    handing out one instance is safe. Only calls whose arguments are exactly ``str`` (or
+    ``None``) and an exact ``int`` duration, without ``claims``, are remembered: never a
+    ``bool``, ``float`` or ``str`` subclass (which can compare equal to a plain value) nor a
+    mapping. Any other call, and any call that raises, is validated in full as before.
+    """
+
+    _interned: dict[tuple[Any, ...], Any]
+
+    def __init__(cls, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # One table per class: a subclass's call never returns a plain Role.
+        cls._interned = {}
+
+    # The parameters spelled out (not *args, **kwargs): binding them is the cheapest way in,
+    # and positional and keyword spellings of one call share one entry.
+    def __call__(
+        cls,
+        arn: Any = _UNSET,
+        subject: Any = None,
+        session_name: Any = None,
+        duration_seconds: Any = 3600,
+        policy: Any = None,
+        claims: Any = None,
+        *more: Any,
+        **unknown: Any,
+    ) -> Any:
+        if (
+            claims is None
+            and arn.__class__ is str
+            and duration_seconds.__class__ is int
+            and (subject is None or subject.__class__ is str)
+            and (policy is None or policy.__class__ is str)
+            and (session_name is None or session_name.__class__ is str)
+            and not more
+            and not unknown
+        ):
+            key = (arn, subject, session_name, duration_seconds, policy)
+            interned = cls._interned
+            role = interned.get(key)
+            if role is None:
+                role = super().__call__(arn, subject, session_name, duration_seconds, policy)
+                if len(interned) >= INTERN_SIZE:
+                    # Oldest first (a dict keeps insertion order). Another thread may change
+                    # the table meanwhile: then this one simply skips the eviction.
+                    with contextlib.suppress(RuntimeError, StopIteration):
+                        interned.pop(next(iter(interned)), None)
+                interned[key] = role
+            return role
+        if arn is _UNSET:
+            return super().__call__(*more, **unknown)  # Role's own error for a missing arn
+        return super().__call__(
+            arn, subject, session_name, duration_seconds, policy, claims, *more, **unknown
+        )
+
+
 @dataclass(frozen=True, eq=False)
-class Role:
+class Role(metaclass=_Interned):
     """An IAM role to assume and everything that shapes the credentials for it; validated."""
 
     arn: str
