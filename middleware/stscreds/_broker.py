@@ -852,9 +852,7 @@ class CredentialBroker:
         """
         stats = self.stats
         now = self._now()
-        # Entries past serve_until stay in the cache until evicted or refreshed, but nothing
-        # can be served from them: an idle tenant's expired credentials are not "cached".
-        entries = [e for e in list(self._entries.values()) if now < e.serve_until]
+        entries, mandatory = self._servable(now)
         budget = self._exchanger.budget
         soonest = min((entry.expires_at for entry in entries), default=math.inf) - now
         snapshot: dict[str, Any] = {
@@ -875,7 +873,7 @@ class CredentialBroker:
             "sts_budget_refusals_total": 0 if budget is None else budget.refused,
             "cached_identities": len(entries),
             "inflight_exchanges": len(self._inflight),
-            "mandatory_window_identities": sum(1 for e in entries if now >= e.mandatory_at),
+            "mandatory_window_identities": mandatory,
             "soonest_expiry_seconds": max(0.0, soonest),
             "clock_offset_seconds": self.sts_clock.offset if self.sts_clock.known else 0.0,
             "sts_budget_limited": int(budget is not None and budget.limited),
@@ -893,6 +891,14 @@ class CredentialBroker:
             snapshot.update(self._shared.metrics())
         return snapshot
 
+    def _servable(self, now: float) -> tuple[list[CacheEntry], int]:
+        """The cache entries that can still be served, and how many are in the mandatory
+        window. Entries past serve_until stay until evicted or refreshed, but nothing can be
+        served from them: an idle tenant's expired credentials are not "cached". (A copy in
+        one C call: safe from a scrape thread.)"""
+        entries = [e for e in list(self._entries.values()) if now < e.serve_until]
+        return entries, sum(1 for e in entries if now >= e.mandatory_at)
+
     def health(self) -> dict[str, Any]:
         """What a readiness probe needs: ``status`` is "ok", "degraded" (working, with a
         reason to look: store down, clock off, refreshes failing) or "unavailable" (closed,
@@ -900,8 +906,7 @@ class CredentialBroker:
         issuer, the clock, the network - with no success since). ``reasons`` says why.
         """
         now = now_wall = self._now()
-        entries = [e for e in list(self._entries.values()) if now < e.serve_until]
-        mandatory = sum(1 for e in entries if now >= e.mandatory_at)
+        entries, mandatory = self._servable(now)
         reasons: list[str] = []
         status = "ok"
         store: dict[str, Any] | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,6 +23,7 @@ __all__ = [
     "ExchangeOutcome",
     "Histogram",
     "MetricSpec",
+    "combined",
     "error_label",
     "outcome_label",
     "samples",
@@ -75,6 +76,7 @@ KNOWN_CODES = frozenset(
 ROLE_SERIES_MAX = 4096
 
 Kind = Literal["counter", "gauge", "histogram"]
+Combine = Literal["sum", "min", "max"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,9 @@ class MetricSpec:
     labels: tuple[str, ...]
     help: str
     unit: str = ""
+    #: How one label set's values from several brokers (or processes) become one: counters
+    #: and histograms add; a gauge adds, takes the least, or the farthest from 0 ("max").
+    combine: Combine = "sum"
 
 
 #: Every metric stscreds reports, in the order the Operations page lists them.
@@ -186,6 +191,7 @@ METRICS: tuple[MetricSpec, ...] = (
         (),
         "Seconds until the soonest cached credentials expire (+Inf when none are cached).",
         "seconds",
+        "min",
     ),
     MetricSpec(
         "clock_offset_seconds",
@@ -193,18 +199,21 @@ METRICS: tuple[MetricSpec, ...] = (
         (),
         "STS's clock minus the local clock, learned from STS's Date header (0 until known).",
         "seconds",
+        "max",
     ),
     MetricSpec(
         "store_breaker_open",
         "gauge",
         ("store",),
         "1 while the shared store is considered down (requests go to STS directly), else 0.",
+        combine="max",
     ),
     MetricSpec(
         "sts_budget_limited",
         "gauge",
         (),
         "1 while the STS budget rations calls after throttling, else 0.",
+        combine="max",
     ),
     MetricSpec(
         "exchange_duration_seconds",
@@ -321,6 +330,30 @@ class RoleCounts:
     def items(self) -> list[tuple[tuple[str, str, str], int]]:
         """A copy of the counts."""
         return list(self._counts.items())
+
+
+def combined(
+    spec: MetricSpec, snapshots: Iterable[Mapping[str, Any]]
+) -> list[tuple[dict[str, str], float]]:
+    """One ``(labels, value)`` per label set of a counter or gauge across several snapshots,
+    joined by ``spec.combine``."""
+    values: dict[tuple[str, ...], float] = {}
+    labelled: dict[tuple[str, ...], dict[str, str]] = {}
+    for snapshot in snapshots:
+        for labels, value in samples(spec, snapshot):
+            key = tuple(labels[k] for k in spec.labels)
+            labelled[key] = labels
+            previous = values.get(key)
+            value = float(value)
+            if previous is None:
+                values[key] = value
+            elif spec.combine == "sum":
+                values[key] = previous + value
+            elif spec.combine == "min":
+                values[key] = min(previous, value)
+            else:
+                values[key] = max(previous, value, key=abs)
+    return [(labelled[key], value) for key, value in values.items()]
 
 
 def samples(spec: MetricSpec, snapshot: Mapping[str, Any]) -> Iterator[tuple[dict[str, str], Any]]:

@@ -175,24 +175,22 @@ class CredentialsWSGIMiddleware:
             raise STSUnavailable(
                 "stscreds: the WSGI middleware is closed", role_arn=role.arn
             ) from None
-        try:
-            return future.result(self.timeout)
-        except concurrent.futures.TimeoutError:
-            # Cancels only this wait: the shared exchange goes on for the others.
-            future.cancel()
+
+        def gave_up() -> None:
             logger.warning(
                 "gave up waiting for credentials for %s after %gs",
                 role.arn,
                 self.timeout,
                 extra={"role_arn": role.arn, "error_code": "Timeout"},
             )
-            raise STSUnavailable(
-                f"no credentials within {self.timeout:g}s", role_arn=role.arn
-            ) from None
-        except concurrent.futures.CancelledError:
-            raise STSUnavailable(
-                "stscreds: the WSGI middleware closed", role_arn=role.arn
-            ) from None
+
+        return wait_for_credentials(
+            future,
+            self.timeout,
+            role,
+            closed="stscreds: the WSGI middleware closed",
+            on_timeout=gave_up,
+        )
 
     def wait_warm_up(self, timeout: float | None = None) -> bool:
         """Wait for the warm-up to finish; True once it has (or if there is none).
@@ -272,6 +270,30 @@ class CredentialsWSGIMiddleware:
             # The parent's loop will never finish it here; the child keeps what was cached.
             self._warm_up = concurrent.futures.Future()
             self._warm_up.set_result(0)
+
+
+def wait_for_credentials(
+    future: concurrent.futures.Future[Credentials],
+    timeout: float,
+    role: Role,
+    *,
+    closed: str,
+    on_timeout: Callable[[], None] | None = None,
+) -> Credentials:
+    """The credentials ``future`` (a ``broker.get`` on a loop thread) brings within ``timeout``
+    seconds; else STSUnavailable, ``closed`` its message when the loop went away.
+
+    A timeout cancels only this wait: the shared exchange goes on for the others.
+    """
+    try:
+        return future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        if on_timeout is not None:
+            on_timeout()
+        raise STSUnavailable(f"no credentials within {timeout:g}s", role_arn=role.arn) from None
+    except concurrent.futures.CancelledError:
+        raise STSUnavailable(closed, role_arn=role.arn) from None
 
 
 def _status_line(status: int) -> str:

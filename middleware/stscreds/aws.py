@@ -35,7 +35,7 @@ from ._cache import MANDATORY_WINDOW
 from ._credentials import Credentials
 from ._errors import STSUnavailable
 from ._roles import Role
-from ._wsgi import _loop_for, _LoopThread
+from ._wsgi import _loop_for, _LoopThread, wait_for_credentials
 
 if TYPE_CHECKING:
     import boto3
@@ -288,18 +288,9 @@ class BrokerCredentials(DeferredRefreshableCredentials):  # type: ignore[misc]
             raise STSUnavailable(
                 "stscreds: the broker's event loop is closed", role_arn=role.arn
             ) from None
-        try:
-            return future.result(self.timeout)
-        except concurrent.futures.TimeoutError:
-            # Cancels only this wait: the shared exchange goes on for the others.
-            future.cancel()
-            raise STSUnavailable(
-                f"no credentials within {self.timeout:g}s", role_arn=role.arn
-            ) from None
-        except concurrent.futures.CancelledError:
-            raise STSUnavailable(
-                "stscreds: the broker's event loop closed", role_arn=role.arn
-            ) from None
+        return wait_for_credentials(
+            future, self.timeout, role, closed="stscreds: the broker's event loop closed"
+        )
 
     def __repr__(self) -> str:
         return f"BrokerCredentials(role_arn={self.role.arn!r}, broker={self.broker!r})"

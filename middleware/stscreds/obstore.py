@@ -42,7 +42,7 @@ from ._cache import MANDATORY_WINDOW
 from ._credentials import Credentials
 from ._errors import STSUnavailable
 from ._roles import Role
-from ._wsgi import _loop_for, _LoopThread
+from ._wsgi import _loop_for, _LoopThread, wait_for_credentials
 
 __all__ = ["DEFAULT_MARGIN", "CredentialProvider", "S3Credential", "SyncCredentialProvider"]
 
@@ -318,13 +318,6 @@ class SyncCredentialProvider(_Provider):
         )
 
     def _wait(self, future: concurrent.futures.Future[Credentials]) -> Credentials:
-        try:
-            return future.result(self.timeout)
-        except concurrent.futures.TimeoutError:
-            # Cancels this wait only: the shared exchange goes on for the others.
-            future.cancel()
-            raise self._gave_up() from None
-        except concurrent.futures.CancelledError:
-            raise STSUnavailable(
-                "stscreds: the broker's event loop stopped", role_arn=self.role.arn
-            ) from None
+        return wait_for_credentials(
+            future, self.timeout, self.role, closed="stscreds: the broker's event loop stopped"
+        )

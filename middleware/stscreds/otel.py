@@ -55,7 +55,7 @@ except ImportError as _error:  # pragma: no cover - exercised by a subprocess te
 
 from . import __version__
 from ._broker import CredentialBroker
-from ._metrics import DURATION_BUCKETS, METRICS, Histogram, MetricSpec, samples
+from ._metrics import DURATION_BUCKETS, METRICS, Histogram, MetricSpec, combined
 
 __all__ = ["Instrumentation", "instrument", "otel_name", "otel_unit"]
 
@@ -85,22 +85,6 @@ _UNITS: Mapping[str, str] = {
     "sts_budget_limited": "1",
 }
 
-
-def _largest_magnitude(a: float, b: float) -> float:
-    return a if abs(a) >= abs(b) else b
-
-
-def _add(a: float, b: float) -> float:
-    return a + b
-
-
-#: How one attribute set's values from several brokers become one (default: their sum).
-_COMBINE: Mapping[str, Callable[[float, float], float]] = {
-    "soonest_expiry_seconds": min,
-    "clock_offset_seconds": _largest_magnitude,
-    "store_breaker_open": max,
-    "sts_budget_limited": max,
-}
 
 #: The broker's own histogram behind each histogram metric (``broker.stats.<attribute>``).
 _HISTOGRAMS: Mapping[str, str] = {
@@ -188,14 +172,9 @@ class _Registry:
         return observe
 
     def _observe(self, spec: MetricSpec) -> list[Observation]:
-        combine = _COMBINE.get(spec.name, _add)
-        values: dict[tuple[tuple[str, str], ...], float] = {}
-        for snapshot in self._take(spec.name):
-            for labels, value in samples(spec, snapshot):
-                key = tuple(labels.items())
-                previous = values.get(key)
-                values[key] = value if previous is None else combine(previous, value)
-        return [Observation(value, dict(key)) for key, value in values.items()]
+        return [
+            Observation(value, labels) for labels, value in combined(spec, self._take(spec.name))
+        ]
 
     def _take(self, name: str) -> list[dict[str, Any]]:
         with self._lock:

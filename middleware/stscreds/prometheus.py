@@ -46,7 +46,7 @@ except ImportError as error:  # pragma: no cover - the message is the point
     ) from error
 
 from ._broker import CredentialBroker
-from ._metrics import DURATION_BUCKETS, METRICS, ROLE_METRIC, MetricSpec, samples
+from ._metrics import DURATION_BUCKETS, METRICS, ROLE_METRIC, MetricSpec, combined
 
 __all__ = ["MAX_ROLE_ARNS", "PREFIX", "StscredsCollector", "prometheus_name"]
 
@@ -55,15 +55,11 @@ PREFIX = "stscreds_"
 #: The most role ARNs ``role_arns`` may name: each one adds up to a few dozen series.
 MAX_ROLE_ARNS = 100
 
-# How the gauges of several brokers (or, in multiprocess mode, processes) combine.
+# prometheus_client's multiprocess mode of each gauge: live (a dead worker's value goes once
+# it is marked dead) and combined as the catalogue says ("max" is the largest signed value
+# there: prometheus_client cannot take the farthest from 0).
 _GAUGE_MODES: dict[str, str] = {
-    "cached_identities": "livesum",
-    "inflight_exchanges": "livesum",
-    "mandatory_window_identities": "livesum",
-    "soonest_expiry_seconds": "livemin",
-    "clock_offset_seconds": "livemax",
-    "store_breaker_open": "livemax",
-    "sts_budget_limited": "livemax",
+    spec.name: "live" + spec.combine for spec in METRICS if spec.kind == "gauge"
 }
 
 
@@ -174,25 +170,11 @@ def _specs(role_arns: frozenset[str]) -> tuple[MetricSpec, ...]:
 def _combined(
     spec: MetricSpec, snapshots: list[dict[str, Any]], role_arns: frozenset[str]
 ) -> list[tuple[dict[str, str], float]]:
-    """One value per label set across brokers: counters add; gauges by their mode."""
-    values: dict[tuple[str, ...], float] = {}
-    labelled: dict[tuple[str, ...], dict[str, str]] = {}
-    mode = _GAUGE_MODES.get(spec.name, "livesum")
-    for snapshot in snapshots:
-        for labels, value in samples(spec, snapshot):
-            if spec is ROLE_METRIC and labels["role_arn"] not in role_arns:
-                continue
-            key = tuple(labels[k] for k in spec.labels)
-            labelled[key] = labels
-            if key not in values:
-                values[key] = float(value)
-            elif spec.kind == "counter" or mode == "livesum":
-                values[key] += float(value)
-            elif mode == "livemin":
-                values[key] = min(values[key], float(value))
-            else:
-                values[key] = max(values[key], float(value), key=abs)
-    return [(labelled[key], value) for key, value in values.items()]
+    """One value per label set across brokers (a role ARN only if allow-listed)."""
+    rows = combined(spec, snapshots)
+    if spec is ROLE_METRIC:
+        rows = [(labels, value) for labels, value in rows if labels["role_arn"] in role_arns]
+    return rows
 
 
 def _histogram_sum(
@@ -275,7 +257,7 @@ class _Mirror:
                 spec.help,
                 spec.labels,
                 registry=None,
-                multiprocess_mode=_GAUGE_MODES.get(name, "livesum"),  # type: ignore[arg-type]
+                multiprocess_mode=_GAUGE_MODES[name],  # type: ignore[arg-type]
             )
         else:
             metric = PromHistogram(full, spec.help, registry=None, buckets=DURATION_BUCKETS)
