@@ -1758,3 +1758,19 @@ async def test_health_and_log_state_start_afresh_in_a_forked_child(
     health = broker.health()
     assert health["status"] == "ok"
     assert health["last_failure"] is None and health["last_success_at"] is None
+
+
+async def test_tokens_are_dated_on_stss_clock_once_it_is_known(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    # The local clock 10 minutes behind STS's: a 5-minute token dated locally has expired
+    # when STS reads it. The refusal carries STS's Date, so the next token is dated right.
+    strict_sts.clock = Skewed(clock, 600.0)
+    broker = make_broker(clock=clock, negative_ttl=(1.0, 1.0))
+    with pytest.raises(CredentialsRejected, match="expired"):
+        await broker.get(Role(ROLE))
+    assert broker.sts_clock.offset == pytest.approx(600.0, abs=2)
+    clock.advance(1.5)  # past the remembered refusal
+    credentials = await broker.get(Role(ROLE))
+    assert credentials.expiration.timestamp() - strict_sts.clock() > MANDATORY_WINDOW
+    assert strict_sts.calls == 2

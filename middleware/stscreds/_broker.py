@@ -144,6 +144,21 @@ class _WarningSummary:
             window[2] = 0
 
 
+class _StsTime:
+    """A Clock reading STS's clock (the local one until STS's is known): dates the tokens."""
+
+    __slots__ = ("_sts_clock",)
+
+    def __init__(self, sts_clock: StsClock) -> None:
+        self._sts_clock = sts_clock
+
+    def time(self) -> float:
+        """The current time on STS's clock, at its earliest: an ``iat`` a fraction of a
+        second in STS's future would be refused."""
+        sts_clock = self._sts_clock
+        return sts_clock.now() - sts_clock.margin
+
+
 class _ShortGrant(STSUnavailable):
     """STS answered with credentials that had (nearly) expired on arrival."""
 
@@ -259,7 +274,9 @@ class CredentialBroker:
             audience=audience,
             keys=signing_keys,
             token_ttl=token_ttl,
-            clock=self._clock,
+            # Tokens are dated on STS's clock once it is known: with the local clock minutes
+            # behind, a token would be expired on arrival (InvalidIdentityToken) for good.
+            clock=_StsTime(self.sts_clock),
         )
         self._negative_ttl = _ttl_range("negative_ttl", negative_ttl)
         self._transient_negative_ttl = _ttl_range("transient_negative_ttl", transient_negative_ttl)
