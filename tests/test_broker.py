@@ -441,7 +441,9 @@ async def test_advisory_window_scales_with_duration(
     assert strict_sts.calls == 1
     assert broker.stats.background_refreshes == 0
     assert broker._inflight == {}
-    assert entry.refresh_at - T0 >= duration - window
+    # The planned expiry counts the clock margin (the Date header's second), so a jitter of
+    # 0 puts the refresh that much before duration - window.
+    assert entry.refresh_at - T0 >= duration - window - broker.sts_clock.margin
 
 
 # -- failures during refresh ---------------------------------------------------------------
