@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 
-from stscreds import CredentialBroker, Role, SigningKey
+from stscreds import CredentialBroker, Role, RoleTemplate, SigningKey
 
 logger = logging.getLogger("examples")
 
@@ -44,8 +44,12 @@ def make_broker() -> CredentialBroker:
 ACCOUNT_ID = os.environ.get("STSCREDS_ACCOUNT_ID", "123456789012")
 
 
-def role_for_tenant(tenant: str | None) -> Role | None:
-    """Each tenant has its own role; requests without a tenant get no credentials."""
-    if not tenant or not tenant.isalnum():
-        return None
-    return Role(f"arn:aws:iam::{ACCOUNT_ID}:role/tenant-{tenant}", subject=f"tenant:{tenant}")
+#: Each tenant has its own role: built and validated the first time a tenant is seen.
+TENANT_ROLE = RoleTemplate(
+    f"arn:aws:iam::{ACCOUNT_ID}:role/tenant-{{tenant}}", subject="tenant:{tenant}"
+)
+
+
+def role_for_tenant(tenant: str | bytes | None) -> Role | None:
+    """The tenant's Role; requests without a (valid) tenant get no credentials."""
+    return None if tenant is None else TENANT_ROLE.get(tenant)

@@ -56,7 +56,7 @@ def resolve_role(scope: dict) -> Role | None:
     """Pick the role from the X-Tenant header (a real app would use its auth)."""
     for name, value in scope["headers"]:
         if name == b"x-tenant":
-            return role_for_tenant(value.decode("latin-1"))
+            return role_for_tenant(value)
     return None
 
 

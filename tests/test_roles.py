@@ -17,7 +17,13 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from stscreds._roles import RESERVED_CLAIMS, Role, identity_key, sanitize_session_name
+from stscreds._roles import (
+    RESERVED_CLAIMS,
+    Role,
+    RoleTemplate,
+    identity_key,
+    sanitize_session_name,
+)
 
 ARN = "arn:aws:iam::123456789012:role/app-reader"
 OTHER_ARN = "arn:aws:iam::123456789012:role/app-writer"
@@ -1571,3 +1577,221 @@ def test_an_interned_role_is_the_role_validation_would_make(
     role = Role(INTERN_ARN, subject=subject, duration_seconds=duration)
     assert role == expected and role._canonical == expected._canonical
     assert Role(INTERN_ARN, subject=subject, duration_seconds=duration) is role
+
+
+# --- RoleTemplate: one validated Role per tenant value, looked up like a dict ---------------
+
+TEMPLATE_ARN = "arn:aws:iam::123456789012:role/tenant-{tenant}"
+TEMPLATE_POLICY = (
+    '{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:GetObject",'
+    '"Resource":"arn:aws:s3:::data/tenants/{tenant}/*"}]}'
+)
+
+
+def tenant_template(**kwargs: Any) -> RoleTemplate:
+    kwargs.setdefault("subject", "tenant:{tenant}")
+    kwargs.setdefault("policy", TEMPLATE_POLICY)
+    return RoleTemplate(TEMPLATE_ARN, **kwargs)
+
+
+def test_a_template_builds_the_role_its_fields_describe() -> None:
+    template = tenant_template()
+    role = template["acme"]
+    expected = full_path(
+        "arn:aws:iam::123456789012:role/tenant-acme",
+        subject="tenant:acme",
+        policy=TEMPLATE_POLICY.replace("{tenant}", "acme"),
+    )
+    assert role == expected and role._canonical == expected._canonical
+    assert role.policy == TEMPLATE_POLICY.replace("{tenant}", "acme")
+    # Built once: the same object from a str or the header's raw bytes, a plain dict hit after.
+    assert template["acme"] is role
+    assert template[b"acme"] == role
+    assert template[b"acme"] is template[b"acme"]
+    assert template.get("acme") is role
+    assert "acme" in template and len(template) == 2
+    # Tenants are different identities.
+    assert template["globex"] != role
+
+
+def test_a_template_value_is_limited_to_iam_name_characters() -> None:
+    template = tenant_template()
+    # Each would change what the Role means: another ARN path, a broken-out policy string,
+    # control characters in the subject.
+    for value in [
+        "a/b",
+        "../admin",
+        'x"}]},{"Effect":"Allow","Action":"*","Resource":"*',
+        "a\\b",
+        "tab\there",
+        "",
+        "x" * 65,
+        "é",
+        b"\xff",
+        b"a:b",
+    ]:
+        with pytest.raises(ValueError, match=r"^tenant: must be 1-64 characters") as info:
+            template[value]
+        # The request's value is not echoed into the message (nor into a log).
+        shown = value.decode("latin-1") if isinstance(value, bytes) else value
+        assert not shown or shown not in str(info.value)
+        assert template.get(value) is None
+        assert template.get(value, "none") == "none"
+    assert len(template) == 0
+    for ok in ["a", "acme-01", "A_b+c=d,e.f@g", "x" * 57]:  # tenant- + 57 = 64, IAM's limit
+        assert template[ok].arn == f"arn:aws:iam::123456789012:role/tenant-{ok}"
+
+
+def test_a_template_key_must_be_str_or_bytes() -> None:
+    template = tenant_template()
+    for key in [3, 1.5, None, ("acme",)]:
+        with pytest.raises(TypeError, match=r"RoleTemplate keys must be str or bytes, not"):
+            template[key]  # type: ignore[index]
+        assert template.get(key) is None  # type: ignore[arg-type]
+
+
+def test_a_str_subclass_key_is_stored_as_its_plain_value() -> None:
+    import enum
+
+    class Tenant(enum.StrEnum):
+        ACME = "acme"
+
+    template = tenant_template()
+    role = template[Tenant.ACME]
+    assert role.arn.endswith("tenant-acme")
+    assert [key.__class__ for key in template] == [str]
+    assert template["acme"] is role
+
+
+def test_a_template_is_checked_when_it_is_made() -> None:
+    with pytest.raises(ValueError, match=r"^subject: unknown placeholder \{tenat\}"):
+        RoleTemplate(TEMPLATE_ARN, subject="tenant:{tenat}")
+    with pytest.raises(ValueError, match=r"^template: \{tenant\} appears in none of"):
+        RoleTemplate("arn:aws:iam::123456789012:role/fixed", subject="everyone")
+    with pytest.raises(ValueError, match=r"^arn:"):
+        RoleTemplate("arn:aws:iam::12345:role/tenant-{tenant}")
+    with pytest.raises(ValueError, match=r"^duration_seconds:"):
+        tenant_template(duration_seconds=60)
+    with pytest.raises(ValueError, match=r"^policy: must be a JSON object"):
+        tenant_template(policy="{tenant}")
+    with pytest.raises(ValueError, match=r"^field:"):
+        tenant_template(field="not an identifier")
+    for size in [0, -1, True, 1.5]:
+        with pytest.raises(ValueError, match=r"^maxsize:"):
+            tenant_template(maxsize=size)
+    with pytest.raises(ValueError, match=r"^claims:"):
+        tenant_template(claims={"sub": "override"})
+
+
+def test_a_template_may_name_the_account_and_its_own_field() -> None:
+    template = RoleTemplate(
+        "arn:aws:iam::{account}:role/stscreds-access", subject="customer:{account}", field="account"
+    )
+    role = template["210987654321"]
+    assert role.arn == "arn:aws:iam::210987654321:role/stscreds-access"
+    assert role.subject == "customer:210987654321"
+    with pytest.raises(ValueError, match=r"^arn:"):
+        template["not-an-account"]  # a valid value, but no valid ARN: Role's own message
+
+
+def test_a_mapping_policy_and_static_claims() -> None:
+    policy = json.loads(TEMPLATE_POLICY)
+    template = RoleTemplate(
+        TEMPLATE_ARN, subject="tenant:{tenant}", policy=policy, claims={"tier": "gold"}
+    )
+    role = template["acme"]
+    assert (
+        json.loads(role.policy or "")["Statement"][0]["Resource"]
+        == "arn:aws:s3:::data/tenants/acme/*"
+    )
+    assert dict(role.claims or {}) == {"tier": "gold"}
+    assert role == tenant_template(claims={"tier": "gold"})["acme"]
+
+
+def test_a_template_is_read_only_and_bounded() -> None:
+    template = tenant_template(maxsize=3)
+    for name in ["a1", "a2", "a3", "a4", "a5"]:
+        template[name]
+        assert len(template) <= 3
+    assert list(template) == ["a3", "a4", "a5"]  # the oldest went first
+    assert template["a1"].arn.endswith("tenant-a1")  # and is simply built again
+    other = tenant_template()
+    with pytest.raises(TypeError, match="read-only"):
+        template["x"] = other["x"]
+    for method, args in [
+        ("__delitem__", ("a4",)),
+        ("setdefault", ("x", None)),
+        ("update", ({},)),
+        ("pop", ("a4",)),
+        ("popitem", ()),
+        ("__ior__", ({},)),
+    ]:
+        with pytest.raises(TypeError, match="read-only"):
+            getattr(template, method)(*args)
+    template.clear()
+    assert len(template) == 0
+
+
+def test_templates_compare_by_identity_and_pickle_by_definition() -> None:
+    import pickle
+
+    first, second = tenant_template(), tenant_template()
+    assert first != second and first == first
+    assert len({first, second}) == 2
+    first["acme"]
+    copy = pickle.loads(pickle.dumps(first))
+    assert len(copy) == 0 and copy["acme"] == first["acme"]
+    assert "tenant-{tenant}" in repr(first) and "policy=..." in repr(first)
+    assert TEMPLATE_POLICY not in repr(first)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=st.text(max_size=70) | st.binary(max_size=70))
+def test_a_template_role_is_the_role_of_its_filled_fields(value: str | bytes) -> None:
+    template = tenant_template()
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    if not re.fullmatch(r"[\w+=,.@-]{1,64}", text, re.ASCII) or "\ufffd" in text:
+        with pytest.raises(ValueError):
+            template[value]
+        return
+    role = template[value]
+    assert role == full_path(
+        TEMPLATE_ARN.replace("{tenant}", text),
+        subject=f"tenant:{text}",
+        policy=TEMPLATE_POLICY.replace("{tenant}", text),
+    )
+
+
+def readme_resolvers() -> list[tuple[str, Any]]:
+    """Each README snippet's ``TENANT_ROLE`` and ``resolve_role``, executed as written."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    found = []
+    for block in re.findall(r"```python\n(.*?)```", readme, re.DOTALL):
+        if "TENANT_ROLE = RoleTemplate(" not in block:
+            continue
+        start = block.index("TENANT_ROLE = RoleTemplate(")
+        end = block.index("\n\n", block.index("def resolve_role", start))
+        namespace: dict[str, Any] = {"Role": Role, "RoleTemplate": RoleTemplate}
+        exec(block[start:end], namespace)  # the README's own code
+        found.append((block[start:end], namespace["resolve_role"]))
+    return found
+
+
+def test_the_readme_resolvers_do_what_the_readme_says() -> None:
+    resolvers = readme_resolvers()
+    assert len(resolvers) == 3  # Starlette, FastAPI, Flask
+    expected = full_path("arn:aws:iam::123456789012:role/tenant-acme", subject="tenant:acme")
+    for source, resolve in resolvers:
+        wsgi = "environ" in source
+
+        def request(tenant: bytes | None, wsgi: bool = wsgi) -> Any:
+            if wsgi:
+                return {} if tenant is None else {"HTTP_X_TENANT": tenant.decode("latin-1")}
+            return {"headers": [] if tenant is None else [(b"x-tenant", tenant)]}
+
+        assert resolve(request(b"acme")) == expected
+        assert resolve(request(b"acme")) is resolve(request(b"acme"))
+        for bad in [None, b"", b"a/b", b"x" * 65, b'"}']:
+            assert resolve(request(bad)) is None, (source, bad)

@@ -11,7 +11,7 @@ from ._clock import Clock, SystemClock
 from ._credentials import Credentials
 from ._errors import CredentialsRejected, CredentialsUnavailable, STSUnavailable
 from ._metrics import METRICS, MetricSpec
-from ._roles import Role
+from ._roles import Role, RoleTemplate
 from ._signing import SigningKey
 from ._wsgi import CredentialsWSGIMiddleware
 
@@ -27,6 +27,7 @@ __all__ = [
     "CredentialsWSGIMiddleware",
     "MetricSpec",
     "Role",
+    "RoleTemplate",
     "STSUnavailable",
     "SigningKey",
     "StsBudget",

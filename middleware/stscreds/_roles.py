@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["RESERVED_CLAIMS", "Role", "identity_key"]
+__all__ = ["RESERVED_CLAIMS", "Role", "RoleTemplate", "identity_key"]
 
 _ROLE_ARN = re.compile(
     r"arn:(?:aws|aws-cn|aws-us-gov|aws-iso|aws-iso-[a-z]|aws-eusc):iam::\d{12}:"
@@ -361,6 +361,181 @@ class Role(metaclass=_Interned):
         if self.claims is not None:
             parts.append(f"claims={sorted(self.claims)}")
         return f"Role({', '.join(parts)})"
+
+
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", re.ASCII)
+#: What a template value may hold: IAM's name characters, so a value can neither add a path
+#: to the ARN nor leave a JSON string in the policy.
+_FIELD_VALUE = re.compile(r"[\w+=,.@-]{1,64}", re.ASCII)
+#: Stands in for the value when a template is checked at construction.
+_PROBE_VALUE = "123456789012"  # valid as an account id, a role name and in text
+
+
+class RoleTemplate(dict[str | bytes, Role]):
+    """A bounded map from one value (a tenant id) to its validated Role: ``template[value]``.
+
+    ``RoleTemplate("arn:aws:iam::123456789012:role/tenant-{tenant}", subject="tenant:{tenant}",
+    policy=...)`` builds the tenant's Role the first time a value is looked up and answers
+    from a plain dict after that: a resolver that would build ``Role(...)`` per request pays a
+    dict lookup instead. Keys are ``str`` or ``bytes`` (a header's raw value), 1-64 characters
+    of ``[A-Za-z0-9_+=,.@-]``: the placeholder is replaced by text that cannot add a path to
+    the ARN or end a JSON string in the policy. The template decides nothing about *who* may
+    be which tenant: authenticate the request before you look its tenant up.
+    """
+
+    __slots__ = (
+        "_arn",
+        "_claims",
+        "_duration",
+        "_policy",
+        "_session_name",
+        "_subject",
+        "field",
+        "maxsize",
+    )
+
+    def __init__(
+        self,
+        arn: str,
+        *,
+        subject: str | None = None,
+        session_name: str | None = None,
+        duration_seconds: int = 3600,
+        policy: str | Mapping[str, Any] | None = None,
+        claims: Mapping[str, Any] | None = None,
+        field: str = "tenant",
+        maxsize: int = INTERN_SIZE,
+    ) -> None:
+        super().__init__()
+        if not isinstance(field, str) or not _FIELD_NAME.fullmatch(field):
+            raise ValueError("field: must be an identifier such as 'tenant'")
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise ValueError("maxsize: must be an integer >= 1")
+        if isinstance(policy, Mapping):
+            try:
+                policy = json.dumps(dict(policy), separators=(",", ":"), allow_nan=False)
+            except (TypeError, ValueError, RecursionError):
+                raise ValueError("policy: not JSON-serializable") from None
+        texts = {"arn": arn, "subject": subject, "session_name": session_name, "policy": policy}
+        placeholder = "{" + field + "}"
+        for name, text in texts.items():
+            if text is None or not isinstance(text, str):
+                continue  # Role's own validation names a wrong type below
+            for found in _PLACEHOLDER.findall(text):
+                if found != field:
+                    raise ValueError(
+                        f"{name}: unknown placeholder {{{found}}} (field is {field!r})"
+                    )
+        if not any(isinstance(t, str) and placeholder in t for t in texts.values()):
+            raise ValueError(
+                f"template: {placeholder} appears in none of arn, subject, session_name, policy"
+            )
+        self.field = field
+        self.maxsize = maxsize
+        self._arn = arn
+        self._subject = subject
+        self._session_name = session_name
+        self._duration = duration_seconds
+        self._policy = policy
+        self._claims = claims
+        self._build(_PROBE_VALUE)  # a bad ARN, policy or duration fails here, not on a request
+
+    def _build(self, value: str) -> Role:
+        placeholder = "{" + self.field + "}"
+
+        def fill(text: str | None) -> str | None:
+            return text.replace(placeholder, value) if isinstance(text, str) else text
+
+        # type.__call__ skips Role's interning table: this dict is the only one keeping it.
+        return type.__call__(  # type: ignore[no-any-return]
+            Role,
+            fill(self._arn),
+            fill(self._subject),
+            fill(self._session_name),
+            self._duration,
+            fill(self._policy),
+            self._claims,
+        )
+
+    def __missing__(self, key: str | bytes) -> Role:
+        if isinstance(key, bytes):
+            try:
+                value = bytes.decode(key, "ascii")
+            except UnicodeDecodeError:
+                value = ""
+        elif isinstance(key, str):
+            value = str.__str__(key)  # a StrEnum member's value, not its name
+        else:
+            raise TypeError(f"RoleTemplate keys must be str or bytes, not {type(key).__qualname__}")
+        if key.__class__ is not bytes and key.__class__ is not str:
+            # Stored under the plain value: the table holds only exact str and bytes keys.
+            key = value
+        if not _FIELD_VALUE.fullmatch(value):
+            # The value came from a request: not echoed, so a header cannot write the log.
+            raise ValueError(f"{self.field}: must be 1-64 characters of [A-Za-z0-9_+=,.@-]")
+        role = self._build(value)
+        if len(self) >= self.maxsize:
+            # Oldest first; another thread changing the dict meanwhile only skips this eviction.
+            with contextlib.suppress(RuntimeError, StopIteration, KeyError):
+                dict.__delitem__(self, next(iter(self)))
+        dict.__setitem__(self, key, role)
+        return role
+
+    def get(self, key: str | bytes, default: Any = None) -> Any:
+        """The Role for ``key``, or ``default`` when no Role can be made from it."""
+        try:
+            return self[key]
+        except (TypeError, ValueError):
+            return default
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("RoleTemplate is read-only: look a Role up with template[value]")
+
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    setdefault = update = pop = popitem = _read_only
+
+    def clear(self) -> None:
+        """Forget every Role built so far (they are rebuilt on their next lookup)."""
+        dict.clear(self)
+
+    # A template is its own thing, not the dict of what it has built so far.
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+    __hash__ = object.__hash__  # type: ignore[assignment]
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_template, (self._arn, self._kwargs()))
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {
+            "subject": self._subject,
+            "session_name": self._session_name,
+            "duration_seconds": self._duration,
+            "policy": self._policy,
+            "claims": None if self._claims is None else dict(self._claims),
+            "field": self.field,
+            "maxsize": self.maxsize,
+        }
+
+    def __repr__(self) -> str:
+        parts = [repr(self._arn)]
+        for name in ("subject", "session_name"):
+            value = getattr(self, "_" + name)
+            if value is not None:
+                parts.append(f"{name}={value!r}")
+        if self._duration != 3600:
+            parts.append(f"duration_seconds={self._duration}")
+        if self._policy is not None:
+            parts.append("policy=...")
+        if self._claims is not None:
+            parts.append(f"claims={sorted(self._claims)}")
+        parts.append(f"field={self.field!r}")
+        return f"RoleTemplate({', '.join(parts)}) with {len(self)} built"
+
+
+def _rebuild_template(arn: str, kwargs: dict[str, Any]) -> RoleTemplate:
+    return RoleTemplate(arn, **kwargs)
 
 
 def identity_key(
