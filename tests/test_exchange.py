@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -18,18 +20,31 @@ from botocore.exceptions import (
     NoCredentialsError,
     ReadTimeoutError,
 )
+from botocore.utils import parse_timestamp
 
+import stscreds
 from servers.sts import StrictSTS
-from stscreds import Credentials, CredentialsRejected, SigningKey, STSUnavailable, SystemClock
+from stscreds import (
+    CredentialBroker,
+    Credentials,
+    CredentialsRejected,
+    SigningKey,
+    StsBudget,
+    STSUnavailable,
+    SystemClock,
+)
 from stscreds._exchange import (
     NON_RECOVERABLE_CODES,
     TRANSIENT_CODES,
     ExchangeRequest,
     SecretsFilter,
     StsExchanger,
+    StsPool,
     classify_error,
+    parse_sts_timestamp,
     redact_secrets,
 )
+from stscreds._metrics import ExchangeOutcome
 from stscreds._signing import TokenMinter
 
 ROLE = "arn:aws:iam::123456789012:role/exchange-test"
@@ -232,6 +247,26 @@ def test_botocore_retries_and_default_timeouts_are_replaced() -> None:
         assert config.retries["total_max_attempts"] == 1
         assert exchanger.deadline == 10.0
         assert exchanger.max_attempts == 3
+    finally:
+        exchanger.close()
+
+
+def test_the_pool_holds_64_calls_by_default() -> None:
+    # 50 identities at once against a 30 ms STS: a pool of 8 sent them in seven waves.
+    assert inspect.signature(StsExchanger).parameters["max_workers"].default == 64
+    assert inspect.signature(CredentialBroker).parameters["max_workers"].default == 64
+    exchanger = StsExchanger(endpoint_url="http://127.0.0.1:9")
+    try:
+        assert exchanger._client.meta.config.max_pool_connections == 64
+    finally:
+        exchanger.close()
+
+
+def test_user_agent_is_built_once() -> None:
+    exchanger = StsExchanger(endpoint_url="http://127.0.0.1:9")
+    try:
+        user_agent = exchanger._client.meta.config.user_agent
+        assert user_agent == f"{exchanger._session.user_agent()} stscreds/{stscreds.__version__}"
     finally:
         exchanger.close()
 
@@ -487,6 +522,283 @@ async def test_deadline_covers_waiting_for_a_pool_thread(
         sts.release()
 
 
+async def test_user_agent_header_is_sent(
+    sts: StrictSTS, minter: TokenMinter, make_exchanger: Any
+) -> None:
+    exchanger = make_exchanger(sts.url)
+    sent: list[str] = []
+
+    def record(request: Any, **kwargs: Any) -> None:
+        value = request.headers["User-Agent"]  # bytes once the request is prepared
+        sent.append(value.decode() if isinstance(value, bytes) else value)
+
+    exchanger._client.meta.events.register("before-send.sts.AssumeRoleWithWebIdentity", record)
+    await exchanger.exchange(request(), lambda: minter.mint("user-1"))
+    assert sent == [exchanger._client.meta.config.user_agent]
+    assert f"stscreds/{stscreds.__version__}" in sent[0]
+
+
+# -- the pool: one job per attempt, threads started at first use, the gate -----------------
+
+
+async def test_mint_and_call_run_in_one_pool_job(
+    sts: StrictSTS, minter: TokenMinter, make_exchanger: Any
+) -> None:
+    exchanger = make_exchanger(sts.url)
+    minted: list[str] = []
+    sent: list[str] = []
+
+    def mint() -> str:
+        minted.append(threading.current_thread().name)
+        return minter.mint("user-1")
+
+    def record(**kwargs: Any) -> None:
+        sent.append(threading.current_thread().name)
+
+    exchanger._client.meta.events.register("before-send.sts.AssumeRoleWithWebIdentity", record)
+    await exchanger.exchange(request(), mint)
+    assert len(minted) == 1 and minted == sent
+
+
+async def test_retries_send_the_token_minted_once(
+    sts: StrictSTS, minter: TokenMinter, make_exchanger: Any
+) -> None:
+    sts.fail_next(2, "IDPCommunicationError", 400, "could not reach IdP")
+    exchanger = make_exchanger(sts.url, max_attempts=3)
+    tokens: list[str] = []
+
+    def mint() -> str:
+        tokens.append(minter.mint("user-1"))
+        return tokens[-1]
+
+    await exchanger.exchange(request(), mint)
+    assert len(tokens) == 1
+    assert [r.params["WebIdentityToken"] for r in sts.requests] == tokens * 3
+
+
+async def test_a_failing_mint_raises_as_it_came_and_is_not_retried(
+    sts: StrictSTS, make_exchanger: Any
+) -> None:
+    exchanger = make_exchanger(sts.url, max_attempts=3)
+    calls = 0
+
+    def mint() -> str:
+        nonlocal calls
+        calls += 1
+        raise ValueError("no key")
+
+    outcome = ExchangeOutcome()
+    with pytest.raises(ValueError, match="no key"):
+        await exchanger.exchange(request(), mint, outcome=outcome)
+    assert calls == 1 and outcome.attempts == 0
+    assert sts.calls == 0
+    assert not exchanger._gate._lock.locked()
+
+
+async def all_threads_started(pool: StsPool) -> set[threading.Thread]:
+    """The pool's threads once its first thread has started all of them."""
+    deadline = time.monotonic() + 5.0
+    while not (len(pool._threads) == pool.max_workers and all(t.ident for t in pool._threads)):
+        assert time.monotonic() < deadline, "the pool's threads were not all started"
+        await asyncio.sleep(0.005)
+    return set(pool._threads)
+
+
+async def test_pool_threads_start_at_first_use_from_the_pool_itself(
+    sts: StrictSTS, minter: TokenMinter, make_exchanger: Any
+) -> None:
+    exchanger = make_exchanger(sts.url, max_workers=5)
+    pool = exchanger._pool
+    assert pool._threads == []  # none at construction (a --preload master forks later)
+    starts: list[str] = []
+    start = threading.Thread.start
+
+    def recording_start(thread: threading.Thread) -> None:
+        if thread.name.startswith("stscreds-sts"):  # not the STS server's own threads
+            starts.append(threading.current_thread().name)
+        start(thread)
+
+    threading.Thread.start = recording_start  # type: ignore[method-assign]
+    try:
+        await exchanger.exchange(request(), lambda: minter.mint("user-1"))
+        threads = await all_threads_started(pool)
+    finally:
+        threading.Thread.start = start  # type: ignore[method-assign]
+    assert sorted(t.name for t in threads) == [f"stscreds-sts_{i}" for i in range(5)]
+    assert all(t.daemon for t in threads)
+    # The event loop started the first thread; that one started the other four.
+    assert starts == [threading.current_thread().name] + ["stscreds-sts_0"] * 4
+    # A burst larger than the pool starts no more.
+    await asyncio.gather(
+        *(exchanger.exchange(request(), lambda: minter.mint("u")) for _ in range(12))
+    )
+    assert set(pool._threads) == threads
+    assert sts.successes == 13
+
+
+async def test_pool_runs_jobs_skips_cancelled_ones_and_shuts_down() -> None:
+    pool = StsPool(2)
+    release = threading.Event()
+    busy = [pool.submit(release.wait) for _ in range(2)]
+    queued = pool.submit(lambda: "ran")
+    cancelled = pool.submit(lambda: "must not run")
+    assert cancelled.cancel()
+    failing = pool.submit(int, "not a number")
+    release.set()
+    assert [f.result(5) for f in busy] == [True, True]
+    assert queued.result(5) == "ran"
+    with pytest.raises(ValueError):
+        failing.result(5)
+    assert cancelled.cancelled()
+    threads = list(pool._threads)
+    pool.shutdown(wait=True)
+    assert not any(t.is_alive() for t in threads)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(print)
+
+
+async def test_pool_shutdown_cancels_queued_jobs_without_waiting() -> None:
+    pool = StsPool(1)
+    release = threading.Event()
+    running = pool.submit(release.wait)
+    queued = [pool.submit(lambda: None) for _ in range(3)]
+    started = time.monotonic()
+    pool.shutdown(wait=False, cancel_futures=True)
+    assert time.monotonic() - started < 0.5  # the running job is not waited for
+    assert all(f.cancelled() for f in queued)
+    release.set()
+    assert running.result(5) is True
+    pool._threads[0].join(5)
+    assert not pool._threads[0].is_alive()
+
+
+async def test_calls_overlap_on_the_wire_while_one_thread_at_a_time_runs_python(
+    sts: StrictSTS, minter: TokenMinter, make_exchanger: Any
+) -> None:
+    exchanger = make_exchanger(sts.url, max_workers=8)
+    lock = threading.Lock()
+    inside = {"mint": 0, "parse": 0}
+    most = {"mint": 0, "parse": 0}
+
+    def enter(phase: str) -> None:
+        with lock:
+            inside[phase] += 1
+            most[phase] = max(most[phase], inside[phase])
+        time.sleep(0.002)  # lets the GIL go: a thread not behind the gate would come in now
+        with lock:
+            inside[phase] -= 1
+
+    def mint() -> str:
+        enter("mint")
+        return minter.mint("user-1")
+
+    # Registered after the gate's own handler: runs where the answer is parsed, in the gate.
+    exchanger._client.meta.events.register(
+        "before-parse.sts.AssumeRoleWithWebIdentity", lambda **kwargs: enter("parse")
+    )
+    sts.hang = True
+    tasks = [asyncio.ensure_future(exchanger.exchange(request(), mint)) for _ in range(8)]
+    try:
+        # All eight calls wait on STS at once: the gate is left while a call is on the wire.
+        assert await asyncio.to_thread(sts.wait_for_calls, 8, 5.0)
+    finally:
+        sts.release()
+    results = await asyncio.gather(*tasks)
+    assert len(results) == 8 and sts.successes == 8
+    # Eight answers arrived together; minting and parsing still went one thread at a time.
+    assert most == {"mint": 1, "parse": 1}
+    assert not exchanger._gate._lock.locked()
+
+
+async def test_the_gate_is_left_whatever_the_outcome(
+    sts: StrictSTS, minter: TokenMinter, make_exchanger: Any
+) -> None:
+    exchanger = make_exchanger(sts.url, max_workers=2, max_attempts=1)
+    mint = lambda: minter.mint("user-1")  # noqa: E731
+    sts.fail_next(1, "AccessDenied", 403, "no")  # an STS error answer
+    with pytest.raises(CredentialsRejected):
+        await exchanger.exchange(request(), mint)
+    assert not exchanger._gate._lock.locked()
+    sts.respond_raw(b"<not-sts/>")  # an answer botocore cannot parse
+    with pytest.raises(STSUnavailable):
+        await exchanger.exchange(request(), mint)
+    assert not exchanger._gate._lock.locked()
+    # The budget holding the call back (on the thread, inside the gate).
+    budget = StsBudget(burst=1, initial_rate=0.5, min_rate=0.5, clock=lambda: 0.0)
+    budget.throttled()
+    budget.acquire()
+    exchanger.budget = budget
+    with pytest.raises(STSUnavailable, match="holding calls back"):
+        await exchanger.exchange(request(), mint)
+    assert not exchanger._gate._lock.locked()
+    exchanger.budget = None
+    assert isinstance(await exchanger.exchange(request(), mint), Credentials)
+    # Refused connections: the call failed on the wire, after the gate was left.
+    refused = make_exchanger(f"http://127.0.0.1:{closed_port()}", max_attempts=1)
+    with pytest.raises(STSUnavailable, match="unreachable"):
+        await refused.exchange(request(), mint)
+    assert not refused._gate._lock.locked()
+
+
+async def test_a_call_hung_on_the_wire_leaves_the_gate(
+    sts: StrictSTS, minter: TokenMinter, make_exchanger: Any
+) -> None:
+    sts.hang = True
+    exchanger = make_exchanger(sts.url, max_workers=2, deadline=0.3, read_timeout=3.0)
+    minted: list[str] = []
+
+    def mint() -> str:
+        minted.append("x")
+        return minter.mint("user-1")
+
+    try:
+        with pytest.raises(STSUnavailable, match="did not answer"):
+            await exchanger.exchange(request(), mint)
+        # The first thread is still blocked in its read; the second one signs and sends.
+        with pytest.raises(STSUnavailable, match="did not answer"):
+            await exchanger.exchange(request(), mint)
+        assert len(minted) == 2
+        assert await asyncio.to_thread(sts.wait_for_calls, 2, 5.0)
+    finally:
+        sts.release()
+
+
+# -- timestamps of STS answers -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2030-01-01T00:00:00Z",
+        "2030-06-30T23:59:59Z",
+        "2030-01-01T00:00:00.123Z",
+        "2030-01-01T00:00:00.123456Z",
+        "2030-01-01T00:00:00.1234567Z",  # not fromisoformat's: botocore's parser
+        "2030-01-01T00:00:00+02:00",
+        "2030-01-01T00:00:00",
+        "1893456000",
+    ],
+)
+def test_sts_timestamps_read_as_botocore_reads_them(text: str) -> None:
+    expected = parse_timestamp(text)
+    parsed = parse_sts_timestamp(text)
+    assert parsed == expected
+    assert (parsed.utcoffset() is None) == (expected.utcoffset() is None)
+
+
+def test_sts_timestamp_fast_path_is_utc() -> None:
+    parsed = parse_sts_timestamp("2030-01-01T12:30:00Z")
+    assert parsed == datetime(2030, 1, 1, 12, 30, tzinfo=timezone.utc)
+    assert parsed.tzinfo is timezone.utc
+
+
+def test_unreadable_sts_timestamp_raises() -> None:
+    with pytest.raises(ValueError):
+        parse_sts_timestamp("garbage")
+    with pytest.raises(ValueError):
+        parse_sts_timestamp("2030-13-01T00:00:00Z")
+
+
 # -- secrets in botocore's DEBUG logs -------------------------------------------------------
 
 
@@ -569,7 +881,7 @@ async def test_reset_after_fork_leaves_the_old_client_alone_and_makes_a_new_one(
 ) -> None:
     exchanger = make_exchanger(sts.url)
     await exchanger.exchange(request(), lambda: minter.mint("user-1"))
-    old_client, old_pool = exchanger._client, exchanger._pool
+    old_client, old_pool, old_gate = exchanger._client, exchanger._pool, exchanger._gate
 
     def close_forbidden() -> None:
         raise AssertionError("closing the client in the at-fork hook takes urllib3 locks")
@@ -581,8 +893,12 @@ async def test_reset_after_fork_leaves_the_old_client_alone_and_makes_a_new_one(
     assert exchanger._client is None
     assert exchanger._pool is not old_pool
 
+    assert exchanger._pool._threads == []  # started at the child's first use
+    assert exchanger._gate is not old_gate  # a parent's thread may have held the old one
+
     credentials = await exchanger.exchange(request(), lambda: minter.mint("user-2"))
     assert isinstance(credentials, Credentials)
+    assert len(await all_threads_started(exchanger._pool)) == old_pool.max_workers
     assert exchanger._client is not None and exchanger._client is not old_client
     assert exchanger._client.meta.endpoint_url == exchanger.endpoint_url == sts.url
     assert exchanger._client.meta.config.retries["total_max_attempts"] == 1

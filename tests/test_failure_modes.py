@@ -95,7 +95,8 @@ T0 = 1_800_000_000.0
 MAX_LAG = 0.05
 UNAVAILABLE = "AWS credentials are temporarily unavailable"
 REFUSED = "AWS credentials were refused for this request"
-# The defaults the rows rely on (CredentialBroker and StsBudget).
+# The defaults the rows rely on (CredentialBroker and StsBudget); the throttling rows pin the
+# STS pool at 8 threads (the default is 64) so that their bounds stay tight.
 MAX_ATTEMPTS = 3
 MAX_WORKERS = 8
 BUDGET_BURST = 10
@@ -469,10 +470,10 @@ class Harness:
         """A StrictSTS in its own process, on this harness's clock, with our issuer registered,
         answering after ``latency`` seconds (20 ms: an STS in the app's region).
 
-        With no latency at all the STS threads never wait on the network: at the default
-        ``max_workers=8`` eight threads run botocore flat out and the loop waits for the GIL
-        (60-90 ms stalls in a 1,000-identity burst, about every other run on 2 cores; none
-        with 4 threads, in the same time). That is reported, not asserted here.
+        With no latency at all the STS threads never wait on the network and run botocore flat
+        out while the loop waits for the GIL (with 8 threads before the pool's gate: 60-90 ms
+        stalls in a 1,000-identity burst, about every other run on 2 cores). That is reported,
+        not asserted here.
         """
         remote = RemoteSTS(self.clock)
         self.remotes.append(remote)
@@ -1011,7 +1012,7 @@ async def throttled_wave(
 ) -> tuple[CredentialBroker, int]:
     """One request per identity, all at once, against an STS that throttles every call: every
     answer is a 503 "Throttling"; returns the (fresh) broker and the STS calls it made."""
-    broker = h.broker(endpoint=sts.url)
+    broker = h.broker(endpoint=sts.url, max_workers=MAX_WORKERS)
     client = h.client(broker)
     await sts.refresh()
     before = sts.calls
@@ -1097,7 +1098,7 @@ async def test_sts_throttling_many_identities_while_the_loop_is_busy(h: Harness)
     Not under the loop-lag probe: it blocks the loop on purpose (as a burst, a slow handler or
     CPU contention does; under a CPU hog the row above saw 34 calls instead of about 20).
     """
-    broker = h.broker()
+    broker = h.broker(max_workers=MAX_WORKERS)
     identities = 100
     h.sts.hang = True
     tasks = [asyncio.ensure_future(broker.get(role_for(f"busy-{i}"))) for i in range(identities)]

@@ -235,7 +235,7 @@ class CredentialBroker:
         read_timeout: float = 5.0,
         exchange_deadline: float = 10.0,
         max_attempts: int = 3,
-        max_workers: int = 8,
+        max_workers: int = 64,
         request_timeout: float = 20.0,
         advisory_window: float | None = None,
         refresh_backoff: tuple[float, float] = DEFAULT_REFRESH_BACKOFF,

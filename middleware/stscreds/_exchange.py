@@ -6,13 +6,15 @@ import asyncio
 import contextlib
 import email.utils
 import logging
+import queue
 import random
 import re
 import threading
+import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from datetime import timezone
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,6 +24,7 @@ from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.parsers import ResponseParserError
+from botocore.utils import parse_timestamp
 
 from ._budget import StsBudget
 from ._clock import StsClock, SystemClock
@@ -98,6 +101,25 @@ def sts_date(response: dict[str, Any]) -> float | None:
     if parsed.tzinfo is None:  # RFC 9110 dates are GMT; an odd server's too
         parsed = parsed.replace(tzinfo=timezone.utc)
     return parsed.timestamp()
+
+
+def parse_sts_timestamp(value: Any) -> datetime:
+    """A timestamp of an STS answer (``Expiration``), read as botocore's own parser reads it.
+
+    STS writes ``2024-01-01T00:00:00Z``: that is read with ``datetime.fromisoformat`` (about
+    1 us); anything else goes to botocore's parser (dateutil: about 60 us, a fifth of
+    botocore's own work for a whole AssumeRoleWithWebIdentity call).
+    """
+    if type(value) is str and value.endswith("Z"):
+        try:
+            parsed = datetime.fromisoformat(value[:-1])
+        except ValueError:
+            pass
+        else:
+            if parsed.tzinfo is None:
+                return parsed.replace(tzinfo=timezone.utc)
+    botocores: datetime = parse_timestamp(value)
+    return botocores
 
 
 def classify_error(error: BaseException, role_arn: str | None = None) -> CredentialsUnavailable:
@@ -219,6 +241,12 @@ class StsExchanger:
 
     Blocking botocore calls run on a dedicated bounded thread pool, each exchange has one
     overall deadline, and transient errors are retried with jittered backoff inside it.
+
+    ``max_workers`` (64 by default) bounds the calls in flight: 50 identities at once against
+    an STS 30 ms away go out together, not in waves of 8. The threads start at the pool's first
+    use, not one by one from the event loop, and one of them at a time runs the Python-heavy
+    part of a call (signing, botocore building the request, parsing the answer), so the pool
+    competes with the event loop for the GIL like one thread, however many calls are waiting.
     """
 
     def __init__(
@@ -230,7 +258,7 @@ class StsExchanger:
         read_timeout: float = 5.0,
         deadline: float = 10.0,
         max_attempts: int = 3,
-        max_workers: int = 8,
+        max_workers: int = 64,
         retry_base_delay: float = 0.2,
         sts_clock: StsClock | None = None,
         budget: StsBudget | None = None,
@@ -249,9 +277,15 @@ class StsExchanger:
         if not isinstance(max_workers, int) or max_workers < 1:
             raise ValueError("max_workers: must be an integer >= 1")
         install_log_filter()
+        from . import __version__
+
         self._session = botocore.session.get_session()
         # The regional endpoint keeps STS traffic (and its failures) in the app's region.
         self._session.set_config_variable("sts_regional_endpoints", "regional")
+        # A session of our own: its parser reads STS's timestamps without dateutil.
+        self._session.get_component("response_parser_factory").set_parser_defaults(
+            timestamp_parser=parse_sts_timestamp
+        )
         self._config = Config(
             signature_version=UNSIGNED,
             connect_timeout=connect_timeout,
@@ -259,9 +293,13 @@ class StsExchanger:
             # stscreds retries itself, inside its own deadline; botocore must not add more.
             retries={"total_max_attempts": 1},
             max_pool_connections=max_workers,
+            # A fixed User-Agent: botocore otherwise assembles its own twice per call (a third
+            # of its work for an AssumeRoleWithWebIdentity call, on the GIL).
+            user_agent=f"{self._session.user_agent()} stscreds/{__version__}",
         )
         self.region = region
         self._requested_endpoint = endpoint_url
+        self._gate = _Gate()
         # None after a fork: the next call makes a new client (see reset_after_fork).
         self._client: BaseClient | None = self._new_client()
         self._client_lock = threading.Lock()
@@ -273,7 +311,7 @@ class StsExchanger:
         self.deadline = float(deadline)
         self.max_attempts = max_attempts
         self.retry_base_delay = retry_base_delay
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="stscreds-sts")
+        self._pool = StsPool(max_workers)
         #: STS's clock, learned from the Date header of every answer.
         self.sts_clock = sts_clock if sts_clock is not None else StsClock(SystemClock())
         #: The gate every call (first attempt or retry) passes; None: no gate.
@@ -302,15 +340,24 @@ class StsExchanger:
             outcome = ExchangeOutcome()
         loop = asyncio.get_running_loop()
         deadline_at = loop.time() + self.deadline
-        # Signing (RSA: about a millisecond of CPU) runs on the pool too, inside the deadline:
-        # behind hung STS calls the pool may be full.
-        try:
-            token = await asyncio.wait_for(loop.run_in_executor(self._pool, mint), self.deadline)
-        except asyncio.TimeoutError:
-            raise _Timeout(
-                f"STS did not answer within {self.deadline:g}s", role_arn=request.role_arn
-            ) from None
-        params = request.params(token)
+        # Signing (RSA: a quarter of a millisecond of CPU) runs on the pool, in the first
+        # attempt's job and inside the deadline (behind hung STS calls the pool may be full);
+        # retries send the same token. One job per attempt, not one to sign and one to call:
+        # each hop to a pool thread and back costs the event loop a wake-up and a GIL
+        # hand-over, which in a burst of many identities are the scarce thing.
+        params: dict[str, Any] | None = None
+        gate = self._gate
+
+        def attempt_call() -> dict[str, Any]:
+            nonlocal params
+            gate.enter()
+            try:
+                if params is None:
+                    params = request.params(mint())
+                return self._call(params, background)
+            finally:
+                gate.leave()
+
         attempt = 0
         last: CredentialsUnavailable | None = None
         while True:
@@ -322,7 +369,7 @@ class StsExchanger:
                 )
             try:
                 response = await asyncio.wait_for(
-                    loop.run_in_executor(self._pool, self._call, params, background), remaining
+                    loop.run_in_executor(self._pool, attempt_call), remaining
                 )
             except _Refused as refused:
                 attempt -= 1
@@ -340,6 +387,8 @@ class StsExchanger:
                     f"STS did not answer within {self.deadline:g}s", role_arn=request.role_arn
                 ) from None
             except Exception as exc:
+                if params is None:
+                    raise  # minting failed (a bug, not STS): as it came, never retried
                 outcome.attempts = attempt
                 error = classify_error(exc, request.role_arn)
                 if isinstance(error, CredentialsRejected) or attempt >= self.max_attempts:
@@ -361,12 +410,17 @@ class StsExchanger:
             return _credentials_from(response)
 
     def _new_client(self) -> BaseClient:
-        return self._session.create_client(
+        client = self._session.create_client(
             "sts",
             region_name=self.region,
             endpoint_url=self._requested_endpoint,
             config=self._config,
         )
+        # The gate is left while the request is on the wire and taken again for the answer.
+        events = client.meta.events
+        events.register("before-send.sts.AssumeRoleWithWebIdentity", self._gate.leave)
+        events.register("before-parse.sts.AssumeRoleWithWebIdentity", self._gate.enter)
+        return client
 
     async def learn_clock(self) -> bool:
         """Learn STS's clock from one cheap unsigned call (``GetCallerIdentity``, which STS
@@ -412,10 +466,13 @@ class StsExchanger:
         client = self._get_client()
         local = self.sts_clock.local
         self._count("AssumeRoleWithWebIdentity")
+        gate = self._gate
+        gate.enter()
         sent_at = local.time()
         try:
             response: dict[str, Any] = client.assume_role_with_web_identity(**params)
         except ClientError as error:
+            gate.leave()
             # An error answer carries STS's clock too (and is when it matters most).
             self._observe(error.response, sent_at, local.time())
             if self.budget is not None and is_throttling(error):
@@ -423,6 +480,10 @@ class StsExchanger:
                 # pool must meet a closed budget, not wait for the event loop to notice.
                 self.budget.throttled()
             raise
+        except BaseException:
+            gate.leave()
+            raise
+        gate.leave()
         self._observe(response, sent_at, local.time())
         if self.budget is not None:
             self.budget.succeeded()
@@ -440,11 +501,11 @@ class StsExchanger:
         Nothing here touches the old client: closing it takes urllib3's locks, which a parent
         thread may have held at the moment of the fork (held forever in the child).
         """
-        self._pool = ThreadPoolExecutor(
-            max_workers=self._pool._max_workers, thread_name_prefix="stscreds-sts"
-        )
+        self._pool = StsPool(self._pool.max_workers)
         self._client_lock = threading.Lock()
         self._calls_lock = threading.Lock()
+        # A parent's thread may have held the gate; the new client registers the new one.
+        self._gate = _Gate()
         if self._client is not None:
             self._stale_clients.append(self._client)
         self._client = None
@@ -455,6 +516,145 @@ class StsExchanger:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._client is not None:
             self._client.close()
+
+
+class StsPool(Executor):
+    """The threads STS calls run on: up to ``max_workers``, all started at the first job, by
+    the pool's own first thread.
+
+    ThreadPoolExecutor starts a thread per submit while none is idle, and the submitter waits
+    in ``Thread.start`` until the new thread runs. Here the submitter is the event loop: in a
+    burst of many identities that wait is for the GIL, behind every busy STS thread (64 such
+    starts held the loop 80-300 ms in all, 1,000 identities at once), and starting all of them
+    from the loop at the first job held it 7 ms, at an app's start-up (its warm-up). This
+    pool's first job starts one thread, which starts the others and then works like them: the
+    loop waits for that one start only. Jobs wait in ``_work_queue`` meanwhile.
+
+    Threads are daemons (an STS call still waiting at exit does not hold the process up) and
+    end after ``shutdown``, or once the pool is garbage.
+    """
+
+    def __init__(self, max_workers: int, name: str = "stscreds-sts") -> None:
+        self.max_workers = max_workers
+        self._name = name
+        self._work_queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        #: The threads started so far.
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._shutdown = False
+        # Garbage (no shutdown): a sentinel ends the threads, which hold the queue, not the pool.
+        weakref.finalize(self, self._work_queue.put, None)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._work_queue.put((future, fn, args, kwargs))
+            first = None if self._threads else self._thread(0)
+        if first is not None:
+            first.start()
+        return future
+
+    def _thread(self, index: int) -> threading.Thread:
+        thread = threading.Thread(
+            target=_start_and_work if index == 0 else _work,
+            args=(weakref.ref(self), self._work_queue) if index == 0 else (self._work_queue,),
+            name=f"{self._name}_{index}",
+            daemon=True,
+        )
+        self._threads.append(thread)
+        return thread
+
+    def _start_next(self) -> bool:
+        """Start one more thread (in the pool's first thread); False when there are enough."""
+        with self._lock:
+            if self._shutdown or len(self._threads) >= self.max_workers:
+                return False
+            thread = self._thread(len(self._threads))
+        thread.start()
+        return True
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                while True:
+                    try:
+                        job = self._work_queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is not None:
+                        job[0].cancel()
+            self._work_queue.put(None)  # passed on from thread to thread: each one ends
+            threads = list(self._threads)
+        if wait:
+            for thread in threads:
+                if thread is not threading.current_thread():
+                    thread.join()
+
+
+_Job = tuple["Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+def _start_and_work(pool: weakref.ref[StsPool], work_queue: queue.SimpleQueue[_Job | None]) -> None:
+    """The pool's first thread: starts the others (each start waits for that thread to run,
+    here rather than on the event loop), then works like them."""
+    while True:
+        owner = pool()
+        started = owner is not None and owner._start_next()
+        owner = None  # the pool stays collectable while this thread works
+        if not started:
+            break
+    _work(work_queue)
+
+
+def _work(work_queue: queue.SimpleQueue[_Job | None]) -> None:
+    while True:
+        job = work_queue.get()
+        if job is None:
+            work_queue.put(None)  # for the next thread
+            return
+        future, fn, args, kwargs = job
+        del job
+        if future.set_running_or_notify_cancel():  # False: cancelled while it waited
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as error:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+                del result
+        del future, fn, args, kwargs
+
+
+class _Gate:
+    """Lets one STS thread at a time run the Python-heavy parts of an exchange.
+
+    Up to ``max_workers`` calls may wait on STS at once, but signing, botocore building the
+    request and parsing the answer need the GIL, and CPython hands the GIL over unfairly: with
+    dozens of threads wanting it, the event loop waited hundreds of milliseconds for its turn
+    (1,000 identities at once, 64 threads). Behind this gate the pool as a whole asks for the
+    GIL like one thread, so the loop gets its share. A thread leaves the gate while its request
+    is on the wire (botocore's ``before-send``) and takes it again for the answer
+    (``before-parse``); the per-thread flag makes enter and leave idempotent.
+    """
+
+    __slots__ = ("_held", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held = threading.local()
+
+    def enter(self, **kwargs: Any) -> None:
+        if not getattr(self._held, "value", False):
+            self._lock.acquire()
+            self._held.value = True
+
+    def leave(self, **kwargs: Any) -> None:
+        if getattr(self._held, "value", False):
+            self._held.value = False
+            self._lock.release()
 
 
 class BudgetRefused(STSUnavailable):
