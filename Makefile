@@ -52,8 +52,24 @@ check: lint typecheck test
 docs: venv
 	$(VENV)/bin/mkdocs build --strict --site-dir site
 
-bench: venv
-	$(PY) benchmarks/hit_path.py
+# make bench: every benchmark, then docs/benchmarks.md, its plots and the README's headline
+# figures rewritten from this run (about 8 minutes). BENCH_ARGS=--quick is CI's smoke run.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	touch $@
+
+bench: venv deps $(BENCH_STAMP)
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing wrk (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; \
+	  else \
+	    echo "make bench needs wrk (Debian/Ubuntu: sudo apt-get install wrk; macOS: brew install wrk)" >&2; \
+	    exit 1; \
+	  fi; \
+	}
+	$(PY) benchmarks/report.py $(BENCH_ARGS)
 
 soak: venv deps
 	$(PY) benchmarks/soak.py

@@ -53,3 +53,27 @@ def _find(name: str) -> object:
         return importlib.util.find_spec(name)
     except ModuleNotFoundError:  # a parent package is missing
         return None
+
+
+def headline_rows(text: str, start: str, end: str) -> list[tuple[str, str, str]]:
+    """(figure, target, value) of each row of the markdown table between two markers."""
+    block = text[text.index(start) : text.index(end, text.index(start))]
+    rows = []
+    for line in block.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and not set(cells[0]) <= {"-"} and cells[1] not in ("target",):
+            rows.append((cells[0], cells[1], cells[2]))
+    return rows
+
+
+def test_the_readme_quotes_the_benchmark_page_of_the_same_run() -> None:
+    # make bench writes both from one run: a README edited by hand (or a page regenerated
+    # without it) would quote figures no run produced.
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    page = (root / "docs" / "benchmarks.md").read_text()
+    quoted = headline_rows(readme, "<!-- bench:headline -->", "<!-- /bench:headline -->")
+    measured = headline_rows(page, "## Headline", "\n## ")
+    assert quoted, "the README's Performance section quotes no figure"
+    assert quoted == measured
+    assert "make bench --quick" not in page, "docs/benchmarks.md was written by a quick run"
