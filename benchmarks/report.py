@@ -269,6 +269,9 @@ def section_hit_path(page: Page, result: dict[str, Any]) -> None:
     )
 
 
+BURST_METHOD = "benchmarks-method.md#many-identities-at-once-benchmarksburstpy"
+
+
 def section_burst(page: Page, result: dict[str, Any]) -> None:
     runs = result["runs"]
     first = runs[0]
@@ -280,7 +283,9 @@ def section_burst(page: Page, result: dict[str, Any]) -> None:
         f"process with {first['sts_latency_ms']:g} ms of latency per call. Figures are medians "
         f"over {len(first['rounds'])} rounds (a fresh broker each round). The baseline is the "
         "burst over 1 identity, measured in the same run: 1,000 callers waiting on one "
-        "exchange.",
+        "exchange. Where the time goes (signing, botocore, the pool, the STS) is measured in "
+        f"[How the benchmarks work]({BURST_METHOD}): "
+        "the STS thread pool was most of it before #10.",
         "",
     )
     base = next((run["p99_ms_median"] for run in runs if run["identities"] == 1), None)
