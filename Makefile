@@ -53,7 +53,8 @@ docs: venv
 	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 # make bench: every benchmark, then docs/benchmarks.md, its plots and the README's headline
-# figures rewritten from this run (about 8 minutes). BENCH_ARGS=--quick is CI's smoke run.
+# figures rewritten (about 5 minutes). BENCH_ARGS="--only fleet" runs the fleet benchmark;
+# BENCH_ARGS=--quick is CI's smoke run.
 BENCH_STAMP := $(VENV)/.installed-bench
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'

@@ -1,27 +1,32 @@
-"""``make bench``: run every benchmark once and write ``docs/benchmarks.md`` with its plots.
+"""``make bench``: run the benchmarks and write ``docs/benchmarks.md`` with its plots.
 
-Each benchmark runs as its own process with ``--json`` (its progress goes to the console);
-this script only collects the results and writes:
+Each benchmark runs as its own process with ``--json`` (its progress goes to the console).
+Its result is kept in ``docs/data/benchmarks/<name>.json`` with when and on what it ran, and
+the page is written from the last result of every benchmark:
 
 - ``docs/benchmarks.md``: the machine, a headline table (each figure with its target and
-  whether this run met it), then one section per benchmark with its tables and plots;
+  whether it was met), then one section per benchmark, saying when it ran, with its tables
+  and plots;
 - ``docs/img/benchmarks/*.png``: the plots (matplotlib, the ``bench`` extra). Every figure is
-  a ratio to a baseline measured in the same run (a no-op middleware, the app without the
-  middleware, one STS round trip, the naive contender), never an absolute time from another
-  day;
-- the README's headline block, between ``<!-- bench:headline -->`` markers, so the README
-  quotes this run's figures.
+  a ratio to, or a count against, a baseline measured in the same run of that benchmark (a
+  no-op middleware, the 1-identity burst, the naive contender, the app without the
+  middleware, the identities), never an absolute time from another day;
+- the README's headline block, between ``<!-- bench:headline -->`` markers.
 
-How each benchmark measures is described in ``docs/benchmarks-method.md`` (hand-written).
+By default the four fast benchmarks run (hit_path, burst, compare, throughput: about five
+minutes here); ``fleet`` (several minutes of worker processes per store) runs with
+``--only fleet`` and its last result stays on the page meanwhile. How each benchmark
+measures is in ``docs/benchmarks-method.md`` (hand-written).
 
 Usage::
 
-    .venv/bin/python benchmarks/report.py            # the full run: about 8 minutes here
-    .venv/bin/python benchmarks/report.py --quick    # CI: every benchmark in its smoke mode
-    .venv/bin/python benchmarks/report.py --out /tmp/bench   # write elsewhere (page + plots)
+    .venv/bin/python benchmarks/report.py                 # the default set, then the page
+    .venv/bin/python benchmarks/report.py --only fleet    # one benchmark, then the page
+    .venv/bin/python benchmarks/report.py --quick --out /tmp/bench   # CI's smoke run
 
-A benchmark that fails its own correctness checks (or does not finish within its time limit)
-fails the report: a page is only written from a run in which every benchmark passed.
+A benchmark that fails its own correctness checks (or runs past its time limit) fails the
+report, and the page is not rewritten. A page with any quick-mode result says so, and the
+README is only rewritten from full results.
 """
 
 from __future__ import annotations
@@ -534,18 +539,97 @@ def section_throughput(page: Page, result: dict[str, Any]) -> None:
                 )
 
 
-def write(page: Page, machine: dict[str, Any], timings: dict[str, float], quick: bool) -> str:
+def section_fleet(page: Page, result: dict[str, Any]) -> None:
+    cells = result["cells"]
+    variants = list(dict.fromkeys(cell["variant"] for cell in cells))
+    page.add(
+        "## A fleet: worker processes on two hosts",
+        "",
+        f'`benchmarks/fleet.py`: W uvicorn workers split over two process groups ("hosts"), '
+        f"{result['roles']} identities, one counting strict STS ({result['sts_delay_ms']:g} ms "
+        "per call): a cold burst, then one forced refresh cycle. STS calls are per identity "
+        "(the expected count: 1 with a store shared by the fleet; 1 per host with SQLite, one "
+        "file per host; W without a store). Store operations are timed in the workers.",
+        "",
+    )
+    rows = []
+    for cell in cells:
+        cold, refresh, ops = cell["cold"], cell["refresh"], cell.get("store_ops") or {}
+        rows.append(
+            [
+                cell["variant"],
+                str(cell["workers"]),
+                f"{cold['per_identity']:g} ({cold['expected']:g})",
+                f"{refresh['per_identity']:g} ({refresh['expected']:g})",
+                ms(cold.get("p50_ms")),
+                ms(cold.get("p99_ms")),
+                ms(ops.get("p50_ms")),
+                ms(ops.get("p99_ms")),
+            ]
+        )
+    page.table(
+        [
+            "variant",
+            "W",
+            "cold: STS calls / identity (expected)",
+            "refresh: STS calls / identity (expected)",
+            "cold p50 ms",
+            "cold p99 ms",
+            "store op p50 ms",
+            "store op p99 ms",
+        ],
+        rows,
+    )
+
+    def draw(axes: Any) -> None:
+        for variant in variants:
+            mine = sorted(
+                (cell for cell in cells if cell["variant"] == variant),
+                key=lambda cell: cell["workers"],
+            )
+            axes.plot(
+                [cell["workers"] for cell in mine],
+                [cell["refresh"]["per_identity"] for cell in mine],
+                marker="o",
+                label=variant,
+            )
+        axes.set_xlabel("worker processes (W), over two hosts")
+        axes.set_ylabel("STS calls per identity per refresh")
+        axes.set_xscale("log", base=2)
+        axes.legend(fontsize=7, ncol=3)
+
+    page.plot("fleet", draw, "STS calls per identity per refresh cycle, by store and W")
+    widest = max(cell["workers"] for cell in cells)
+    shared = [
+        cell
+        for cell in cells
+        if cell["workers"] == widest and cell["variant"] not in ("none", "botocore")
+    ]
+    if shared:
+        value = " / ".join(
+            f"{cell['variant']} {cell['refresh']['per_identity']:g}" for cell in shared
+        )
+        page.target(
+            f"{widest} workers on 2 hosts: STS calls per identity per refresh, by store",
+            "1 (SQLite: 1 per host)",
+            value,
+            all(cell["refresh"]["per_identity"] == cell["refresh"]["expected"] for cell in shared),
+        )
+
+
+def write(page: Page, records: list[dict[str, Any]]) -> str:
     """The page's text: intro, machine, headline, then the sections already added."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    quick = any(record["quick"] for record in records)
     head = [
         "# Benchmarks",
         "",
         "<!-- Generated by `make bench` (benchmarks/report.py): edit the script, not the page -->",
         "",
-        f"Written by `make bench{' --quick' if quick else ''}` on {now}; the benchmarks took "
-        f"{sum(timings.values()) / 60:.1f} min "
-        f"({', '.join(f'{name} {seconds:.0f} s' for name, seconds in timings.items())}). "
-        "How each one measures, and what was learnt making them faster, is in "
+        f"Written by `make bench{' --quick' if quick else ''}` on {now} from the last result of "
+        "each benchmark (kept in `docs/data/benchmarks/`; each section says when it ran). "
+        "Every ratio compares figures measured in the same run of one benchmark. How each "
+        "benchmark measures, and what was learnt making stscreds faster, is in "
         "[How the benchmarks work](benchmarks-method.md).",
         "",
     ]
@@ -556,9 +640,10 @@ def write(page: Page, machine: dict[str, Any], timings: dict[str, float], quick:
             "figures only show that every benchmark runs.",
             "",
         ]
-    head += ["**Machine.** " + machine_line(machine), "", "## Headline", ""]
+    newest = max(records, key=lambda record: str(record["measured"]))
+    head += ["**Machine.** " + machine_line(newest["machine"]), "", "## Headline", ""]
     rows = [[figure, target, value, verdict(met)] for figure, target, value, met in page.headline]
-    head += ["| figure | target | this run | |", "|---|---|---|---|"]
+    head += ["| figure | target | measured | |", "|---|---|---|---|"]
     head += ["| " + " | ".join(row) + " |" for row in rows]
     head += [""]
     return "\n".join(head + page.lines).rstrip() + "\n"
@@ -571,7 +656,7 @@ def machine_line(machine: dict[str, Any]) -> str:
         f"{machine['cpu']}, nproc = {machine['nproc']}, {machine['memory']}; "
         f"{machine['platform']}; "
         f"{machine['python']}; {packages}; {machine['redis_server']}; {machine['wrk']}. "
-        + (f"Load average (1 min) at the start: {load:.1f}. " if load is not None else "")
+        + (f"Load average (1 min) at the newest run's start: {load:.1f}. " if load else "")
         + "The machine is shared and noisy: compare ratios measured in one run, not absolute times."
     )
 
@@ -599,13 +684,45 @@ def script(name: str) -> Runner:
     return lambda quick, limit: run_json(name, ["--quick"] if quick else [], limit)
 
 
-#: name, how to run it, its section of the page, time limit (s).
-BENCHMARKS: list[tuple[str, Runner, Callable[[Page, dict[str, Any]], None], float]] = [
-    ("hit_path", script("hit_path.py"), section_hit_path, 300),
-    ("burst", run_burst, section_burst, 300),
-    ("compare", script("compare.py"), section_compare, 420),
-    ("throughput", script("throughput.py"), section_throughput, 360),
+#: name, how to run it, its section of the page, time limit (s), run by default.
+BENCHMARKS: list[tuple[str, Runner, Callable[[Page, dict[str, Any]], None], float, bool]] = [
+    ("hit_path", script("hit_path.py"), section_hit_path, 300, True),
+    ("burst", run_burst, section_burst, 300, True),
+    ("compare", script("compare.py"), section_compare, 420, True),
+    ("throughput", script("throughput.py"), section_throughput, 360, True),
+    # Several minutes of worker processes per store: run on its own (--only fleet); the page
+    # shows its last saved result.
+    ("fleet", script("fleet.py"), section_fleet, 600, False),
 ]
+
+
+def data_dir(out: Path) -> Path:
+    """Where each benchmark's last result is kept, next to the page it feeds."""
+    return out / "data" / "benchmarks"
+
+
+def save(
+    out: Path, name: str, result: dict[str, Any], took: float, quick: bool, machine: dict[str, Any]
+) -> None:
+    record = {
+        "benchmark": name,
+        "measured": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "quick": quick,
+        "seconds": round(took, 1),
+        "machine": machine,
+        "result": result,
+    }
+    folder = data_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def load(out: Path, name: str) -> dict[str, Any] | None:
+    path = data_dir(out) / f"{name}.json"
+    if not path.is_file():
+        return None
+    record: dict[str, Any] = json.loads(path.read_text())
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -619,41 +736,56 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        help="comma-separated benchmarks to run (default: all): "
+        help="comma-separated benchmarks to run (default: all but fleet): "
         + ",".join(b[0] for b in BENCHMARKS),
     )
     parser.add_argument(
         "--no-readme", action="store_true", help="leave the README's headline block alone"
     )
     args = parser.parse_args(argv)
-    chosen = set(args.only.split(",")) if args.only else {b[0] for b in BENCHMARKS}
+    chosen = set(args.only.split(",")) if args.only else set()
     unknown = chosen - {b[0] for b in BENCHMARKS}
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
 
-    machine = describe_machine()
     page = Page(args.out)
-    timings: dict[str, float] = {}
     try:
-        for name, run, section, limit in BENCHMARKS:
-            if name not in chosen:
-                continue
-            result, took = run(args.quick, limit)
-            timings[name] = took
-            section(page, result)
+        for name, run, _, limit, default in BENCHMARKS:
+            if name in chosen if args.only else default:
+                machine = describe_machine()  # the load average before it runs
+                result, took = run(args.quick, limit)
+                save(args.out, name, result, took, args.quick, machine)
     except BenchmarkFailed as error:
-        print(f"make bench: {error}; nothing written", file=sys.stderr)
+        print(f"make bench: {error}; the page was not rewritten", file=sys.stderr)
         return 1
-    args.out.mkdir(parents=True, exist_ok=True)
+    # The page shows the last saved result of every benchmark: those just run and the others.
+    records = []
+    for name, _, section, _, _ in BENCHMARKS:
+        record = load(args.out, name)
+        if record is None:
+            continue
+        records.append(record)
+        start = len(page.lines)
+        section(page, record["result"])
+        # Right under the section's heading: when it ran, and in which mode.
+        mode = ", quick mode" if record["quick"] else ""
+        page.lines[start + 2 : start + 2] = [
+            f"*Measured {record['measured']} ({record['seconds']:.0f} s{mode}).*",
+            "",
+        ]
+    if not records:
+        print("make bench: no benchmark result to write a page from", file=sys.stderr)
+        return 1
     target = args.out / "benchmarks.md"
-    target.write_text(write(page, machine, timings, args.quick))
+    target.write_text(write(page, records))
     print(
         f"wrote {target} and {len(list(page.images.glob('*.png')))} plots in {page.images}",
         file=sys.stderr,
     )
     # The README quotes the full run's figures; a quick run (CI) or a run written elsewhere
     # leaves it alone.
-    if not args.quick and not args.no_readme and args.out.resolve() == (ROOT / "docs").resolve():
+    quick = any(record["quick"] for record in records)
+    if not quick and not args.no_readme and args.out.resolve() == (ROOT / "docs").resolve():
         update_readme(ROOT / "README.md", readme_headline(page))
         print("updated the README's headline block", file=sys.stderr)
     for figure, target_text, value, met in page.headline:
