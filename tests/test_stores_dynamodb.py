@@ -5,7 +5,7 @@ The server (``servers/dynamodb.py``) is moto's app, one call at a time (as Dynam
 writes to one item), with throttling errors and late answers on demand. Time that the store
 judges (expiry of values and leases) is a FakeClock; the waits that poll really wait.
 
-Fleet tests run 4 uvicorn processes of ``servers/dynamodb_app.py`` (see ``servers/fleet.py``
+Fleet tests run 4 uvicorn processes of ``servers/fleet_app.py`` (see ``servers/fleet.py``
 for why separate processes on separate ports) against StrictSTS, which counts every call.
 """
 
@@ -945,7 +945,7 @@ def live_leases(dynamodb: LocalDynamoDB, table: str) -> int:
 def make_fleet(
     tmp_path: Path, strict_sts: StrictSTS, dynamodb: LocalDynamoDB
 ) -> Iterator[Callable[..., DynamoDBFleet]]:
-    """Start fleets of dynamodb_app workers against StrictSTS (which discovers their JWKS)."""
+    """Start fleets of fleet_app workers on DynamoDB against StrictSTS (it discovers their JWKS)."""
     fleets: list[DynamoDBFleet] = []
 
     def make(

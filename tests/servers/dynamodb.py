@@ -1,5 +1,6 @@
 """moto's DynamoDB on 127.0.0.1 (free port) for the store tests, with injectable faults, and
-fleets of worker processes that share a DynamoDBStore (``dynamodb_app.py``).
+fleets of worker processes that share a DynamoDBStore (``fleet_app.py`` with
+``FLEET_STORE=dynamodb``).
 
 The server is moto's own WSGI app (what ``moto.server.ThreadedMotoServer`` serves) behind a
 small WSGI wrapper that:
@@ -17,22 +18,17 @@ from __future__ import annotations
 import collections
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import botocore.session
 
 from servers.fleet import Fleet
 
-__all__ = ["THROTTLING_CODES", "DynamoDBFleet", "LocalDynamoDB"]
-
-_HERE = Path(__file__).resolve().parent
+__all__ = ["THROTTLING_CODES", "DynamoDBFleet", "LocalDynamoDB", "worker_env"]
 
 #: DynamoDB's throttling errors, by code: the ``__type`` of its JSON error body.
 THROTTLING_CODES = {
@@ -184,8 +180,15 @@ _AWS_ENV = {
 }
 
 
+def worker_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for a worker process on this server: fake credentials, none of the host's AWS
+    configuration (no profile, role, config file or instance metadata)."""
+    clean = {name: value for name, value in env.items() if not name.startswith("AWS_")}
+    return {**clean, **TEST_CREDENTIALS, **_AWS_ENV}
+
+
 class DynamoDBFleet(Fleet):
-    """A Fleet whose workers serve ``dynamodb_app.py``: a broker with a DynamoDBStore.
+    """A Fleet of ``fleet_app`` workers sharing a DynamoDBStore (``FLEET_STORE=dynamodb``).
 
     ``table``, ``region``, ``endpoint_url``: the store's; with ``check=True`` each worker calls
     ``store.check()`` at import, as an app's start-up would. The workers sign with fake
@@ -221,22 +224,3 @@ class DynamoDBFleet(Fleet):
         for name in [n for n in self.env if n.startswith("AWS_")]:
             if name not in TEST_CREDENTIALS and name not in _AWS_ENV:
                 del self.env[name]
-
-    def start(self) -> DynamoDBFleet:
-        """Spawn every worker (as Fleet.start does, with dynamodb_app.py as the worker)."""
-        for worker in self.workers:
-            assert worker.sock is not None, "a worker can only be started once"
-            fd = worker.sock.fileno()
-            with worker.log_path.open("ab") as log:
-                worker.proc = subprocess.Popen(
-                    [sys.executable, str(_HERE / "dynamodb_app.py"), "--fd", str(fd)],
-                    pass_fds=(fd,),
-                    env=self.env,
-                    cwd=str(self.workdir),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            worker.sock.close()
-            worker.sock = None
-        return self
