@@ -497,11 +497,17 @@ async def test_notify_from_another_store_wakes_within_a_poll(make_store: MakeSto
 async def test_released_lease_wakes_waiters_in_another_store(make_store: MakeStore) -> None:
     waiting, holder = make_store(poll_interval=(0.02, 0.05)), make_store()
     assert await holder.acquire(KEY, "holder", 30)
+    # The broker's order: a lost acquire, holder(), then wait(). The waiter knows the lease
+    # from here on, so a release is seen whenever its polls start (on a loaded machine the
+    # first one can come after the release: a wait that only began then had no baseline).
+    assert not await waiting.acquire(KEY, "waiter", 30)
+    assert await waiting.holder(KEY) == "holder"
     waiter = asyncio.create_task(waiting.wait(KEY, 30))
-    await asyncio.sleep(0.2)
+    # While the lease is held, several polls go by and the wait goes on.
+    await asyncio.wait({waiter}, timeout=0.2)
     assert not waiter.done()
     assert await holder.release(KEY, "holder")
-    await asyncio.wait_for(waiter, 1)
+    await asyncio.wait_for(waiter, 2)
     assert await waiting.acquire(KEY, "waiter", 30)
 
 
