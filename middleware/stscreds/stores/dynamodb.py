@@ -34,7 +34,6 @@ Design, in short:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -54,6 +53,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from ._cipher import StoreCipher
+from ._waiters import consume, wake
 
 __all__ = ["DynamoDBError", "DynamoDBStore", "DynamoDBTableNotFound", "DynamoDBThrottled"]
 
@@ -426,7 +426,7 @@ class DynamoDBStore:
             return None
         answer = self._submit("GetItem", lambda client: self._read_watch(client, key))
         # Mark an abandoned answer's error as seen, so asyncio does not log it.
-        answer.add_done_callback(_consume)
+        answer.add_done_callback(consume)
         await asyncio.wait((answer, woken), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
         if woken.done() or not answer.done():
             return None
@@ -444,18 +444,7 @@ class DynamoDBStore:
         self._seen[key] = watch
 
     def _wake(self, key: str) -> None:
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        for waiter in self._waiters.pop(key, ()):
-            loop = waiter.get_loop()
-            if loop is running:
-                _resolve(waiter)
-            else:
-                # Another thread's event loop; if that loop is closed, nobody waits any more.
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(_resolve, waiter)
+        wake(self._waiters, key)
 
     def _after_fork(self) -> None:
         # A forked worker (gunicorn --preload) inherits this object but not its threads, and
@@ -738,13 +727,3 @@ def _where(endpoint_url: str) -> str:
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{host}{port}{parts.path}"
-
-
-def _resolve(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()

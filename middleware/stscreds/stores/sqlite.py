@@ -22,7 +22,6 @@ Design, in short:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import sqlite3
@@ -30,10 +29,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import quote
 
 from ._cipher import StoreCipher
+from ._waiters import consume, wake
 
 __all__ = ["SQLiteStore"]
 
@@ -235,25 +235,14 @@ class SQLiteStore:
             return None
         answer = self._submit(lambda conn: self._read_watch(conn, key))
         # Mark an abandoned answer's error as seen, so asyncio does not log it.
-        answer.add_done_callback(_consume)
+        answer.add_done_callback(consume)
         await asyncio.wait((answer, woken), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
         if woken.done() or not answer.done():
             return None
         return answer.result()
 
     def _wake(self, key: str) -> None:
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        for waiter in self._waiters.pop(key, ()):
-            loop = waiter.get_loop()
-            if loop is running:
-                _resolve(waiter)
-            else:
-                # Another thread's event loop; if that loop is closed, nobody waits any more.
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(_resolve, waiter)
+        wake(self._waiters, key)
 
     def _after_fork(self) -> None:
         # A forked worker (gunicorn --preload) inherits this object, but not its thread, and
@@ -412,13 +401,3 @@ def _restrict_sidecars(path: str) -> None:
         except OSError:
             # Absent (nothing to protect) or another user's file (theirs to set).
             pass
-
-
-def _resolve(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
