@@ -6,7 +6,7 @@ import asyncio
 import gc
 import threading
 
-from stscreds.stores._waiters import consume, wake
+from stscreds.stores._waiters import consume, registered, wake
 
 
 async def test_wake_resolves_every_waiter_of_the_key_and_only_those() -> None:
@@ -59,3 +59,15 @@ async def test_consume_retrieves_the_exception() -> None:
     assert failed._log_traceback is False  # type: ignore[attr-defined]
     del failed
     gc.collect()
+
+
+async def test_registered_is_woken_in_its_block_and_forgotten_after() -> None:
+    waiters: dict[str, set[asyncio.Future[None]]] = {}
+    with registered(waiters, "k") as first, registered(waiters, "k") as second:
+        assert waiters == {"k": {first, second}}
+        wake(waiters, "k")
+        assert first.done() and second.done()
+    assert waiters == {}
+    with registered(waiters, "k") as third:
+        pass
+    assert waiters == {} and not third.done()  # left, not woken

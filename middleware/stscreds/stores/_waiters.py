@@ -4,9 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["consume", "wake"]
+__all__ = ["consume", "registered", "wake"]
+
+
+@contextlib.contextmanager
+def registered(
+    waiters: dict[str, set[asyncio.Future[None]]], key: str
+) -> Iterator[asyncio.Future[None]]:
+    """A future that ``wake(waiters, key)`` resolves, registered for the block's duration."""
+    woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    waiters.setdefault(key, set()).add(woken)
+    try:
+        yield woken
+    finally:
+        mine = waiters.get(key)
+        if mine is not None:
+            mine.discard(woken)
+            if not mine:
+                del waiters[key]
 
 
 def wake(waiters: dict[str, set[asyncio.Future[None]]], key: str) -> None:

@@ -53,7 +53,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from ._cipher import StoreCipher
-from ._waiters import consume, wake
+from ._waiters import consume, registered, wake
 
 __all__ = ["DynamoDBError", "DynamoDBStore", "DynamoDBTableNotFound", "DynamoDBThrottled"]
 
@@ -260,9 +260,7 @@ class DynamoDBStore:
         self._check_open()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        woken: asyncio.Future[None] = loop.create_future()
-        self._waiters.setdefault(key, set()).add(woken)
-        try:
+        with registered(self._waiters, key) as woken:
             seen = self._seen.pop(key, None)
             if isinstance(seen, _Changed):
                 return
@@ -286,12 +284,6 @@ class DynamoDBStore:
                 if await self._watch(key, woken, deadline) != baseline:
                     return
                 step = min(step * 2, self._poll_longest)
-        finally:
-            waiters = self._waiters.get(key)
-            if waiters is not None:
-                waiters.discard(woken)
-                if not waiters:
-                    del self._waiters[key]
 
     async def aclose(self) -> None:
         """Wake waiters, stop the threads and close the client this store made."""

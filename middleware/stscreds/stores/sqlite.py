@@ -33,7 +33,7 @@ from typing import TypeVar
 from urllib.parse import quote
 
 from ._cipher import StoreCipher
-from ._waiters import consume, wake
+from ._waiters import consume, registered, wake
 
 __all__ = ["SQLiteStore"]
 
@@ -174,9 +174,7 @@ class SQLiteStore:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        woken: asyncio.Future[None] = loop.create_future()
-        self._waiters.setdefault(key, set()).add(woken)
-        try:
+        with registered(self._waiters, key) as woken:
             seen = self._seen.pop(key, _UNSEEN)
             baseline = await self._watch(key, woken, deadline)
             if baseline is None or (seen is not _UNSEEN and seen != baseline[0]):
@@ -190,12 +188,6 @@ class SQLiteStore:
                     return
                 if await self._watch(key, woken, deadline) != baseline:
                     return
-        finally:
-            waiters = self._waiters.get(key)
-            if waiters is not None:
-                waiters.discard(woken)
-                if not waiters:
-                    del self._waiters[key]
 
     async def aclose(self) -> None:
         """Wake waiters, close the connection and stop the thread; later calls raise."""
