@@ -124,6 +124,7 @@ from botocore.credentials import (  # noqa: E402
 from botocore.utils import create_nested_client  # noqa: E402
 from dateutil.parser import parse as parse_datetime  # noqa: E402
 
+from servers import terminate  # noqa: E402
 from stscreds import CredentialBroker, Role, SigningKey  # noqa: E402
 from stscreds.stores import generate_key  # noqa: E402
 from stscreds.testing import LocalSTS  # noqa: E402
@@ -736,15 +737,7 @@ class Workers:
         return answer
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(self.procs)
 
 
 async def run_workers(

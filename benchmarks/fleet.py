@@ -101,6 +101,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from servers import terminate  # noqa: E402
 from servers.dynamodb import worker_env  # noqa: E402
 from servers.redis import RedisServer, find_redis_server  # noqa: E402
 from servers.sts import StrictSTS  # noqa: E402
@@ -546,15 +547,7 @@ class Fleet:
                 await asyncio.sleep(0.1)
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(self.procs)
 
     def log_tail(self, i: int, chars: int = 3000) -> str:
         try:

@@ -23,6 +23,8 @@ from typing import Any
 
 import redis
 
+from servers import terminate
+
 __all__ = ["LocalCluster", "LocalSentinel", "RedisProcess"]
 
 HASH_SLOTS = 16384
@@ -101,13 +103,8 @@ class RedisProcess:
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            proc.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
+            terminate([proc], timeout=5)
 
     def client(self) -> redis.Redis:
         """A new synchronous client on this process (close it after use)."""
