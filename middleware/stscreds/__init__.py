@@ -10,6 +10,7 @@ from ._budget import StsBudget
 from ._clock import Clock, SystemClock
 from ._credentials import Credentials
 from ._errors import CredentialsRejected, CredentialsUnavailable, STSUnavailable
+from ._kms import KMSSigningKey
 from ._metrics import METRICS, MetricSpec
 from ._roles import Role, RoleTemplate
 from ._signing import SigningKey
@@ -25,6 +26,7 @@ __all__ = [
     "CredentialsRejected",
     "CredentialsUnavailable",
     "CredentialsWSGIMiddleware",
+    "KMSSigningKey",
     "MetricSpec",
     "Role",
     "RoleTemplate",

@@ -204,6 +204,15 @@ class CredentialsMiddleware:
         )
         if health_path is not None:
             self._documents[health_path] = None
+        self._oidc_max_age = oidc_max_age
+        # The key ring the documents were rendered from: a new ring renders them again.
+        self._documents_keys = broker.signing_keys if serve_oidc else None
+
+    def _render_documents(self) -> None:
+        keys = self.broker.signing_keys  # first: a ring replaced meanwhile renders again
+        for path, document in oidc_documents(self.broker, self._oidc_max_age).items():
+            self._documents[path.decode("utf-8", "replace")] = document
+        self._documents_keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -334,6 +343,10 @@ class CredentialsMiddleware:
 
     async def _serve_document(self, scope: Scope, send: Send) -> None:
         document = self._documents[scope["path"]]
+        if document is not None and self.broker.signing_keys is not self._documents_keys:
+            # broker.set_signing_keys: serve the new ring (its own ETag) from now on.
+            self._render_documents()
+            document = self._documents[scope["path"]]
         method = scope["method"]
         if method not in ("GET", "HEAD"):
             await send(

@@ -81,6 +81,8 @@ PROCESS_WIDE_FAILURES = frozenset(
         "Timeout",
         "Unreachable",
         "BadResponse",
+        "SigningUnavailable",
+        "SigningRejected",
     }
 )
 #: health() is "unavailable" after this many process-wide failures in HEALTH_WINDOW seconds
@@ -378,6 +380,35 @@ class CredentialBroker:
     def sts_endpoint_url(self) -> str:
         """The STS endpoint exchanges go to."""
         return self._exchanger.endpoint_url
+
+    @property
+    def signing_keys(self) -> tuple[SigningKey, ...]:
+        """The key ring: every key is published in the JWKS, the first one signs."""
+        return self._minter.keys
+
+    def set_signing_keys(self, signing_keys: Sequence[SigningKey]) -> None:
+        """Replace the key ring at runtime: tokens minted from now on are signed by the new
+        first key, and the JWKS and discovery documents served from now on publish the new
+        ring. Cached credentials stay as they are (they do not depend on the key).
+
+        Validated like the constructor's ``signing_keys`` (ValueError, nothing replaced).
+        Safe from any thread: the ring is swapped in one assignment.
+        """
+        old = self._minter
+        minter = TokenMinter(
+            issuer=old.issuer,
+            audience=old.audience,
+            keys=signing_keys,
+            token_ttl=old.token_ttl,
+            clock=old.clock,
+        )
+        self._minter = minter
+        logger.info(
+            "signing keys replaced: %s signs, %s published",
+            minter.keys[0].kid,
+            ", ".join(k.kid for k in minter.keys),
+            extra={"signing_kid": minter.keys[0].kid, "kids": [k.kid for k in minter.keys]},
+        )
 
     def jwks(self) -> dict[str, Any]:
         """The JWKS publishing every signing key (serve it at the issuer's jwks_uri)."""

@@ -48,12 +48,14 @@ class CredentialsUnavailable(Exception):
         name = next(c.__name__ for c in type(self).__mro__ if not c.__name__.startswith("_"))
         return f"{name}({self.message!r}, code={self.code!r})"
 
-    def _copy(self, retry_after: float | None = None) -> CredentialsUnavailable:
+    def _copy(
+        self, retry_after: float | None = None, role_arn: str | None = None
+    ) -> CredentialsUnavailable:
         # Negative caching raises a fresh instance each time, so tracebacks never pile up.
         return type(self)(
             self.message,
             code=self.code,
-            role_arn=self.role_arn,
+            role_arn=self.role_arn if role_arn is None else role_arn,
             retry_after=self.retry_after if retry_after is None else retry_after,
         )
 
@@ -86,6 +88,18 @@ class _BadResponse(STSUnavailable):
     """STS answered with something that is not a usable AssumeRoleWithWebIdentity answer."""
 
     reason = "BadResponse"
+
+
+class _SigningUnavailable(STSUnavailable):
+    """The remote signer (AWS KMS) could not sign in time or answered with a transient error."""
+
+    reason = "SigningUnavailable"
+
+
+class _SigningRejected(CredentialsRejected):
+    """The remote signer (AWS KMS) refused to sign: a setup to fix (permission, key state)."""
+
+    reason = "SigningRejected"
 
 
 class _Closed(STSUnavailable):

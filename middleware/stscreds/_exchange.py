@@ -351,11 +351,14 @@ class StsExchanger:
         def attempt_call() -> dict[str, Any]:
             nonlocal params
             gate.enter()
+            # A remote signer (KMS) steps off the gate while its request is on the wire.
+            _held.gate = gate
             try:
                 if params is None:
                     params = request.params(mint())
                 return self._call(params, background)
             finally:
+                _held.gate = None
                 gate.leave()
 
         attempt = 0
@@ -388,9 +391,14 @@ class StsExchanger:
                 ) from None
             except Exception as exc:
                 if params is None:
-                    raise  # minting failed (a bug, not STS): as it came, never retried
-                outcome.attempts = attempt
-                error = classify_error(exc, request.role_arn)
+                    if not isinstance(exc, CredentialsUnavailable):
+                        raise  # minting failed (a bug, not STS): as it came, never retried
+                    # A remote signer (KMS) failed: classified like STS's own errors, and
+                    # retried the same way when transient; the next attempt signs again.
+                    error = exc._copy(role_arn=request.role_arn)
+                else:
+                    outcome.attempts = attempt
+                    error = classify_error(exc, request.role_arn)
                 if isinstance(error, CredentialsRejected) or attempt >= self.max_attempts:
                     raise error from None
                 delay = random.uniform(0.5, 1.0) * self.retry_base_delay * 2 ** (attempt - 1)  # noqa: S311
@@ -655,6 +663,32 @@ class _Gate:
         if getattr(self._held, "value", False):
             self._held.value = False
             self._lock.release()
+
+
+# The gate the current pool thread holds for an exchange, for remote signers to step off.
+_held = threading.local()
+
+
+def _step_off_gate(**kwargs: Any) -> None:
+    gate: _Gate | None = getattr(_held, "gate", None)
+    if gate is not None:
+        gate.leave()
+
+
+def _step_on_gate(**kwargs: Any) -> None:
+    gate: _Gate | None = getattr(_held, "gate", None)
+    if gate is not None:
+        gate.enter()
+
+
+def off_gate_on_the_wire(client: BaseClient, event: str) -> None:
+    """Make ``client`` (a botocore client called while a token is minted, e.g. KMS ``Sign``)
+    leave the exchange's gate while its request ``event`` (``"kms.Sign"``) is on the wire.
+
+    Without it, one remote signature at a time would go out across every identity.
+    """
+    client.meta.events.register(f"before-send.{event}", _step_off_gate)
+    client.meta.events.register(f"before-parse.{event}", _step_on_gate)
 
 
 class BudgetRefused(STSUnavailable):

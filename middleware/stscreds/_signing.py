@@ -31,6 +31,7 @@ _EC_ALG_BY_CURVE = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES
 _THUMBPRINT_MEMBERS = {"RSA": ("e", "kty", "n"), "EC": ("crv", "kty", "x", "y")}
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
 
 class _Token(str):
@@ -52,28 +53,34 @@ class SigningKey:
     __slots__ = ("_jwk", "_key", "alg", "kid")
 
     def __init__(self, key: PrivateKey, *, alg: str | None = None, kid: str | None = None):
-        if isinstance(key, rsa.RSAPrivateKey):
+        if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+            raise ValueError("key: must be an RSA or EC private key")
+        self._key: PrivateKey = key
+        self._publish(key.public_key(), alg, kid, "key")
+
+    def _publish(self, public: PublicKey, alg: str | None, kid: str | None, name: str) -> None:
+        """Set ``alg``, ``kid`` and the JWK from ``public`` (``name``: the parameter in errors)."""
+        if isinstance(public, rsa.RSAPublicKey):
             alg = alg or "RS256"
             if alg not in _RSA_ALGS:
                 raise ValueError(f"alg: {alg!r} does not fit an RSA key (use one of {_RSA_ALGS})")
-            if key.key_size < 2048:
-                raise ValueError("key: RSA keys must have at least 2048 bits")
-            jwk = RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
-        elif isinstance(key, ec.EllipticCurvePrivateKey):
-            expected = _EC_ALG_BY_CURVE.get(key.curve.name)
+            if public.key_size < 2048:
+                raise ValueError(f"{name}: RSA keys must have at least 2048 bits")
+            jwk = RSAAlgorithm.to_jwk(public, as_dict=True)
+        elif isinstance(public, ec.EllipticCurvePublicKey):
+            expected = _EC_ALG_BY_CURVE.get(public.curve.name)
             if expected is None:
-                raise ValueError(f"key: unsupported EC curve {key.curve.name}")
+                raise ValueError(f"{name}: unsupported EC curve {public.curve.name}")
             alg = alg or expected
             if alg != expected:
                 raise ValueError(
-                    f"alg: {alg!r} does not fit a {key.curve.name} key (use {expected})"
+                    f"alg: {alg!r} does not fit a {public.curve.name} key (use {expected})"
                 )
-            jwk = ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
+            jwk = ECAlgorithm.to_jwk(public, as_dict=True)
         else:
-            raise ValueError("key: must be an RSA or EC private key")
+            raise ValueError(f"{name}: must be an RSA or EC key")
         if kid is not None and (not isinstance(kid, str) or not kid):
             raise ValueError("kid: must be a non-empty string")
-        self._key = key
         self.alg: str = alg
         self.kid: str = kid or _thumbprint(jwk)
         self._jwk = {**jwk, "kid": self.kid, "alg": alg, "use": "sig"}
@@ -108,6 +115,34 @@ class SigningKey:
         if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
             raise ValueError("pem: must hold an RSA or EC private key")
         return cls(key, alg=alg, kid=kid)
+
+    @classmethod
+    def from_kms(
+        cls,
+        key_id: str,
+        *,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        alg: str | None = None,
+        kid: str | None = None,
+        session: Any = None,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 5.0,
+    ) -> SigningKey:
+        """An asymmetric AWS KMS key that signs with KMS ``Sign``: its private key never
+        enters this process (see :class:`stscreds.KMSSigningKey`)."""
+        from ._kms import KMSSigningKey
+
+        return KMSSigningKey(
+            key_id,
+            region=region,
+            endpoint_url=endpoint_url,
+            alg=alg,
+            kid=kid,
+            session=session,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+        )
 
     def to_pem(self) -> bytes:
         """The private key as unencrypted PKCS#8 PEM (for writing to a 0600 file)."""
@@ -160,7 +195,7 @@ def validate_issuer(issuer: str) -> str:
 class TokenMinter:
     """Mints short-lived JWTs for one issuer and audience, and publishes its keys."""
 
-    __slots__ = ("_clock", "audience", "issuer", "keys", "token_ttl")
+    __slots__ = ("audience", "clock", "issuer", "keys", "token_ttl")
 
     def __init__(
         self,
@@ -193,14 +228,14 @@ class TokenMinter:
         self.audience = audience
         self.keys = tuple(keys)
         self.token_ttl = token_ttl
-        self._clock = clock
+        self.clock = clock
 
     def mint(self, subject: str, claims: Mapping[str, Any] | None = None) -> str:
         """Return a signed JWT for ``subject`` carrying the extra ``claims``.
 
         A ``str`` whose ``repr`` hides the token (so a logged container does not leak it).
         """
-        now = int(self._clock.time())
+        now = int(self.clock.time())
         payload: dict[str, Any] = dict(claims) if claims else {}
         payload.update(
             iss=self.issuer,

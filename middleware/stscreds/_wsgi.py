@@ -115,15 +115,13 @@ class CredentialsWSGIMiddleware:
         # WSGI paths are decoded bytes as latin-1 text: match the issuer's path the same way.
         # The health path is in the same dict (value None): one lookup for all of them.
         self._documents: dict[str, tuple[bytes, list[tuple[str, str]]] | None] = (
-            {
-                path.decode("latin-1"): (body, [(k.decode(), v.decode()) for k, v in headers])
-                for path, (body, headers) in documents.items()
-            }
-            if serve_oidc
-            else {}
+            dict(_as_wsgi(documents)) if serve_oidc else {}
         )
         if health_path is not None:
             self._documents[health_path.encode("utf-8", "surrogatepass").decode("latin-1")] = None
+        self._oidc_max_age = oidc_max_age
+        # The key ring the documents were rendered from: a new ring renders them again.
+        self._documents_keys = broker.signing_keys if serve_oidc else None
         self._warm_up: concurrent.futures.Future[int] | None = None
         if self.warm_up:
             self._warm_up = self._loop.submit(run_warm_up, broker, self.warm_up)
@@ -239,6 +237,12 @@ class CredentialsWSGIMiddleware:
         self, path: str, environ: WSGIEnvironment, start_response: StartResponse
     ) -> Iterable[bytes]:
         document = self._documents[path]
+        if document is not None and self.broker.signing_keys is not self._documents_keys:
+            # broker.set_signing_keys: serve the new ring (its own ETag) from now on.
+            keys = self.broker.signing_keys  # first: a ring replaced meanwhile renders again
+            self._documents.update(_as_wsgi(oidc_documents(self.broker, self._oidc_max_age)))
+            self._documents_keys = keys
+            document = self._documents[path]
         method = environ.get("REQUEST_METHOD")
         if method not in ("GET", "HEAD"):
             start_response(_status_line(405), [("Allow", "GET, HEAD"), ("Content-Length", "0")])
@@ -294,6 +298,16 @@ def wait_for_credentials(
         raise STSUnavailable(f"no credentials within {timeout:g}s", role_arn=role.arn) from None
     except concurrent.futures.CancelledError:
         raise STSUnavailable(closed, role_arn=role.arn) from None
+
+
+def _as_wsgi(
+    documents: dict[bytes, tuple[bytes, list[tuple[bytes, bytes]]]],
+) -> dict[str, tuple[bytes, list[tuple[str, str]]]]:
+    """``oidc_documents`` keyed and headed as WSGI has them (latin-1 text)."""
+    return {
+        path.decode("latin-1"): (body, [(k.decode(), v.decode()) for k, v in headers])
+        for path, (body, headers) in documents.items()
+    }
 
 
 def _status_line(status: int) -> str:

@@ -15,7 +15,6 @@ small WSGI wrapper that:
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import threading
@@ -24,9 +23,8 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import botocore.session
-
 from servers.fleet import Fleet
+from servers.moto import TEST_CREDENTIALS, MotoServer
 
 __all__ = ["THROTTLING_CODES", "DynamoDBFleet", "LocalDynamoDB", "worker_env"]
 
@@ -48,55 +46,28 @@ THROTTLING_CODES = {
     ),
 }
 
-# Fake credentials for moto (it checks none), also given to worker processes.
-TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
-
-class LocalDynamoDB:
+class LocalDynamoDB(MotoServer):
     """moto's DynamoDB on loopback, one call at a time; ``throttle()``, ``delay``: faults."""
 
-    def __init__(self) -> None:
-        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    name = "local-dynamodb"
 
-        self._moto = DomainDispatcherApplication(create_backend_app)
+    def __init__(self) -> None:
+        super().__init__()
         self._serial = threading.Lock()
-        self._state = threading.Lock()
-        #: Calls received (faults included), by operation name (``GetItem``, ``PutItem``...).
-        self.calls: collections.Counter[str] = collections.Counter()
         #: Seconds every call waits before it is answered (outside the one-at-a-time lock).
         self.delay = 0.0
         self._throttle: tuple[str, frozenset[str] | None] | None = None
         self._raw: Any = None
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
-        self.url = ""
 
     def start(self) -> LocalDynamoDB:
-        from moto.moto_server.werkzeug_app import MotoRequestHandler
-        from werkzeug.serving import make_server
-
-        class QuietHandler(MotoRequestHandler):
-            def log_request(self, *args: Any, **kwargs: Any) -> None:
-                """No access log line per request."""
-
-        self._server = make_server(
-            "127.0.0.1", 0, self._app, threaded=True, request_handler=QuietHandler
-        )
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.05,), name="local-dynamodb", daemon=True
-        )
-        self._thread.start()
+        super().start()
         return self
 
     def stop(self) -> None:
         if self._raw is not None:
             self._raw.close()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(10)
+        super().stop()
 
     def throttle(
         self, code: str = "ProvisionedThroughputExceededException", operations: Iterable[str] = ()
@@ -110,12 +81,6 @@ class LocalDynamoDB:
         with self._state:
             self._throttle = None
             self.delay = 0.0
-
-    def session(self) -> botocore.session.Session:
-        """A botocore session with moto's fake credentials (none of the host's)."""
-        session = botocore.session.Session()
-        session.set_credentials(**_lower(TEST_CREDENTIALS))
-        return session
 
     def client(self, region: str = "eu-west-1") -> Any:
         """A new raw botocore DynamoDB client on this server (``raw`` is a shared one)."""
@@ -137,9 +102,8 @@ class LocalDynamoDB:
         return items
 
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        operation = str(environ.get("HTTP_X_AMZ_TARGET", "")).rpartition(".")[2]
+        operation = self._count(environ)
         with self._state:
-            self.calls[operation] += 1
             throttle, delay = self._throttle, self.delay
         if delay:
             time.sleep(delay)
@@ -156,20 +120,7 @@ class LocalDynamoDB:
             )
             return [body]
         with self._serial:
-            answer = self._moto(environ, start_response)
-            try:
-                return [b"".join(answer)]
-            finally:
-                close = getattr(answer, "close", None)
-                if close is not None:
-                    close()
-
-
-def _lower(credentials: dict[str, str]) -> dict[str, str]:
-    return {
-        "access_key": credentials["AWS_ACCESS_KEY_ID"],
-        "secret_key": credentials["AWS_SECRET_ACCESS_KEY"],
-    }
+            return self._forward(environ, start_response)
 
 
 # No configuration files and no instance metadata: the environment's credentials only.

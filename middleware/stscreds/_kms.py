@@ -1,0 +1,193 @@
+"""Signing keys held in AWS KMS: the JWKS from ``GetPublicKey``, each JWT signed with ``Sign``."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import botocore.session
+from botocore.client import BaseClient
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+from ._errors import CredentialsUnavailable, _SigningRejected, _SigningUnavailable
+from ._exchange import off_gate_on_the_wire
+from ._signing import SigningKey
+
+__all__ = ["KMSSigningKey", "classify_kms_error"]
+
+# JWS algorithm -> KMS SigningAlgorithm. PKCS#1 v1.5 for RS*; PSS (PS*) is not offered: STS
+# accepts only RS256/384/512 and ES256/384/512.
+_KMS_ALGORITHMS = {
+    "RS256": "RSASSA_PKCS1_V1_5_SHA_256",
+    "RS384": "RSASSA_PKCS1_V1_5_SHA_384",
+    "RS512": "RSASSA_PKCS1_V1_5_SHA_512",
+    "ES256": "ECDSA_SHA_256",
+    "ES384": "ECDSA_SHA_384",
+    "ES512": "ECDSA_SHA_512",
+}
+
+#: KMS error codes that another try may fix (KMS busy, throttled, briefly unavailable).
+KMS_TRANSIENT_CODES = frozenset(
+    {
+        "ThrottlingException",
+        "LimitExceededException",
+        "KMSInternalException",
+        "DependencyTimeoutException",
+        "KeyUnavailableException",
+        "ServiceUnavailableException",
+        "InternalFailure",
+        "RequestTimeout",
+    }
+)
+
+
+def classify_kms_error(error: BaseException, key_id: str) -> CredentialsUnavailable:
+    """A KMS failure as stscreds' errors: transient ones as STSUnavailable (retried within the
+    exchange deadline), the rest (access denied, key disabled or deleted...) as
+    CredentialsRejected. KMS's own message is kept: it says what to fix, and holds no secret."""
+    if isinstance(error, ClientError):
+        info = error.response.get("Error", {})
+        code = info.get("Code") or None
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        message = f"KMS {code or 'error'} signing with {key_id}: {info.get('Message') or '-'}"
+        if code in KMS_TRANSIENT_CODES or status >= 500 or status == 429:
+            return _SigningUnavailable(message, code=code)
+        return _SigningRejected(message, code=code)
+    if isinstance(error, BotoCoreError | OSError):
+        # botocore's messages here name the endpoint or the missing credentials, nothing secret.
+        return _SigningUnavailable(f"KMS unreachable signing with {key_id}: {error}")
+    return _SigningUnavailable(f"KMS signing with {key_id} failed: {type(error).__name__}")
+
+
+def _b64url(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def _json_b64url(value: Mapping[str, Any]) -> bytes:
+    return _b64url(json.dumps(value, separators=(",", ":")).encode())
+
+
+class KMSSigningKey(SigningKey):
+    """A signing key held in AWS KMS: published from ``GetPublicKey``, signing with ``Sign``.
+
+    The private key never enters the process. The key's public half is read once, here (a
+    blocking call: build it at start-up); each token is then one ``Sign`` call (10-30 ms), made
+    only when credentials are exchanged, on the STS pool's threads and inside the exchange
+    deadline. ``Sign`` names the key by the ARN ``GetPublicKey`` answered with, so an alias
+    moved to another key later cannot make tokens that the published JWKS does not verify.
+
+    The process needs ``kms:GetPublicKey`` and ``kms:Sign`` on this key, nothing else.
+    """
+
+    __slots__ = ("_client", "_ecdsa_size", "_kms_algorithm", "key_arn", "key_id")
+
+    def __init__(
+        self,
+        key_id: str,
+        *,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        alg: str | None = None,
+        kid: str | None = None,
+        session: botocore.session.Session | None = None,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 5.0,
+    ) -> None:
+        if not isinstance(key_id, str) or not key_id:
+            raise ValueError("key_id: must be a KMS key id, key ARN, alias name or alias ARN")
+        if alg is not None and alg not in _KMS_ALGORITHMS:
+            raise ValueError(f"alg: must be None or one of {tuple(_KMS_ALGORITHMS)}")
+        for name, value in (("connect_timeout", connect_timeout), ("read_timeout", read_timeout)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"{name}: must be a positive number of seconds")
+        if session is None:
+            session = botocore.session.get_session()
+        elif not isinstance(session, botocore.session.Session):
+            raise TypeError("session: must be None or a botocore.session.Session")
+        region = region or session.get_config_variable("region")
+        if not region:
+            raise ValueError("region: no AWS region given or configured (AWS_REGION)")
+        #: The key as it was named (id, ARN or alias).
+        self.key_id: str = key_id
+        self._client: BaseClient = session.create_client(
+            "kms",
+            region_name=region,
+            endpoint_url=endpoint_url,
+            config=Config(
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                # The exchange retries transient failures itself, inside its deadline.
+                retries={"total_max_attempts": 1},
+                max_pool_connections=64,
+            ),
+        )
+        off_gate_on_the_wire(self._client, "kms.Sign")
+        try:
+            answer = self._client.get_public_key(KeyId=key_id)
+        except (ClientError, BotoCoreError) as error:
+            # At start-up a KMS failure is a setup error: say so now, with KMS's reason.
+            raise ValueError(
+                f"key_id: cannot read the public key of {key_id}: "
+                f"{classify_kms_error(error, key_id).message}"
+            ) from None
+        if answer.get("KeyUsage") != "SIGN_VERIFY":
+            raise ValueError(
+                f"key_id: {key_id} is not an asymmetric SIGN_VERIFY key "
+                f"(KeyUsage {answer.get('KeyUsage')!r}, KeySpec {answer.get('KeySpec')!r})"
+            )
+        public = serialization.load_der_public_key(answer["PublicKey"])
+        if not isinstance(public, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+            raise ValueError(f"key_id: {key_id} is neither an RSA nor an EC key")
+        self._publish(public, alg, kid, "key_id")
+        kms_algorithm = _KMS_ALGORITHMS[self.alg]
+        offered = answer.get("SigningAlgorithms") or ()
+        if kms_algorithm not in offered:
+            raise ValueError(
+                f"alg: {key_id} cannot sign {self.alg} ({kms_algorithm}); it offers "
+                f"{', '.join(offered) or 'nothing'}"
+            )
+        #: The key's ARN, as KMS named it: what ``Sign`` is called with.
+        self.key_arn: str = answer.get("KeyId") or key_id
+        self._kms_algorithm = kms_algorithm
+        # JWS wants ECDSA signatures as r || s, each the curve's size; KMS answers in DER.
+        self._ecdsa_size = (
+            (public.curve.key_size + 7) // 8 if isinstance(public, ec.EllipticCurvePublicKey) else 0
+        )
+
+    def sign(self, payload: Mapping[str, Any]) -> str:
+        """Sign ``payload`` as a compact JWT with KMS ``Sign`` (blocking: call it off the loop).
+
+        Raises STSUnavailable (transient KMS failure) or CredentialsRejected (KMS refused).
+        """
+        header = {"alg": self.alg, "kid": self.kid, "typ": "JWT"}
+        signing_input = _json_b64url(header) + b"." + _json_b64url(dict(payload))
+        try:
+            # RAW: KMS hashes the message itself. The signing input is far below the 4 KB
+            # limit, and moto hashes a DIGEST message a second time.
+            answer = self._client.sign(
+                KeyId=self.key_arn,
+                Message=signing_input,
+                MessageType="RAW",
+                SigningAlgorithm=self._kms_algorithm,
+            )
+        except Exception as error:
+            raise classify_kms_error(error, self.key_id) from None
+        signature: bytes = answer["Signature"]
+        if self._ecdsa_size:
+            r, s = decode_dss_signature(signature)
+            size = self._ecdsa_size
+            signature = r.to_bytes(size, "big") + s.to_bytes(size, "big")
+        return (signing_input + b"." + _b64url(signature)).decode()
+
+    def to_pem(self) -> bytes:
+        """Always raises TypeError: a KMS key's private key never leaves KMS."""
+        raise TypeError(f"{self.key_id} is held in KMS: its private key cannot be exported")
+
+    def __repr__(self) -> str:
+        return f"KMSSigningKey(key_id={self.key_id!r}, alg={self.alg!r}, kid={self.kid!r})"
