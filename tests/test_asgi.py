@@ -1484,3 +1484,77 @@ def test_health_path_cannot_hide_an_oidc_document(broker: CredentialBroker) -> N
             CredentialsMiddleware(
                 Downstream(), broker=broker, resolve_role=resolve_role, health_path=path
             )
+
+
+# --- hot key rotation ---------------------------------------------------------------------------
+
+
+async def test_hot_rotation_runbook_through_discovery_without_a_restart(
+    strict_sts: StrictSTS, uvicorn_server: Callable[..., str]
+) -> None:
+    """The README's rotation runbook, live: the strict STS discovers the JWKS from the app (as
+    AWS does) and caches it; the ring is replaced three times in the running process."""
+    holder: dict[str, Any] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await holder["app"](scope, receive, send)
+
+    base = uvicorn_server(app, lifespan="off")
+    old, new = SigningKey.generate("ES256", kid="old"), SigningKey.generate("RS256", kid="new")
+    broker = strict_sts.make_broker(issuer=base, signing_keys=[old], discover=True)
+    strict_sts.jwks_cache = True  # like AWS: the JWKS is cached for its max-age
+    holder["app"] = CredentialsMiddleware(
+        Starlette(), broker=broker, resolve_role=resolve_role, close_broker=True
+    )
+
+    async def documents() -> tuple[list[str], str, str]:
+        async with httpx.AsyncClient(base_url=base, trust_env=False) as http:
+            jwks, discovery = await http.get(JWKS), await http.get(DISCOVERY)
+        assert jwks.status_code == discovery.status_code == 200
+        kids = [k["kid"] for k in jwks.json()["keys"]]
+        return kids, jwks.headers["etag"], discovery.headers["etag"]
+
+    def signed_with(tenant: str) -> str:
+        (call,) = strict_sts.requests_for(arn(tenant))
+        return str(call.token_header["kid"])
+
+    try:
+        kids, jwks_etag, discovery_etag = await documents()
+        assert kids == ["old"]
+        first = await broker.get(role_for("a"))  # STS fetches and caches the JWKS
+        assert signed_with("a") == "old"
+
+        # 1. Publish the new key second: still signed by the old one.
+        broker.set_signing_keys([old, new])
+        kids, jwks_etag_2, discovery_etag_2 = await documents()
+        assert kids == ["old", "new"]
+        assert jwks_etag_2 != jwks_etag and discovery_etag_2 != discovery_etag
+        async with httpx.AsyncClient(base_url=base, trust_env=False) as http:
+            revalidated = await http.get(JWKS, headers={"If-None-Match": jwks_etag})
+        assert revalidated.status_code == 200  # a cache holding the old ring gets the new one
+        await broker.get(role_for("b"))
+        assert signed_with("b") == "old"
+
+        # Switching before AWS refetched the JWKS is the trap the wait avoids.
+        broker.set_signing_keys([new, old])
+        with pytest.raises(CredentialsRejected, match="No matching key"):
+            await broker.get(role_for("c"))
+
+        # 2. AWS's JWKS cache expires: 3. the new key signs and is accepted.
+        strict_sts.forget_jwks()
+        await broker.get(role_for("d"))
+        assert signed_with("d") == "new"
+
+        # 4. Retire the old key.
+        broker.set_signing_keys([new])
+        kids, _, _ = await documents()
+        assert kids == ["new"]
+        strict_sts.forget_jwks()
+        await broker.get(role_for("e"))
+        assert signed_with("e") == "new"
+
+        # Credentials cached before any of it are still served, with no new exchange.
+        assert broker.get_cached(role_for("a")) is first
+        assert strict_sts.calls_for(arn("a")) == 1
+    finally:
+        broker.close()

@@ -1776,3 +1776,55 @@ async def test_tokens_are_dated_on_stss_clock_once_it_is_known(
     credentials = await broker.get(Role(ROLE))
     assert credentials.expiration.timestamp() - strict_sts.clock() > MANDATORY_WINDOW
     assert strict_sts.calls == 2
+
+
+# -- replacing the signing keys at runtime ---------------------------------------------------
+
+
+async def test_set_signing_keys_signs_with_the_new_first_key_and_keeps_the_cache(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broker = make_broker()
+    reader, writer = Role(ROLE, subject="reader"), Role(OTHER_ROLE, subject="writer")
+    cached = await broker.get(reader)
+    new = SigningKey.generate("ES256", kid="rotated-in")
+    caplog.set_level(logging.INFO, logger="stscreds")
+    broker.set_signing_keys([new, KEY])
+    assert broker.signing_keys == (new, KEY)
+    assert [k["kid"] for k in broker.jwks()["keys"]] == ["rotated-in", KEY.kid]
+    assert broker.openid_configuration()["id_token_signing_alg_values_supported"] == [
+        "ES256",
+        "RS256",
+    ]
+    assert await broker.get(reader) is cached  # still cached: no exchange, no new token
+    await broker.get(writer)
+    assert len(strict_sts.requests) == 2
+    assert jwt.get_unverified_header(token_of(strict_sts))["kid"] == "rotated-in"
+    (record,) = [r for r in caplog.records if "signing keys replaced" in r.getMessage()]
+    assert record.getMessage() == (
+        f"signing keys replaced: rotated-in signs, rotated-in, {KEY.kid} published"
+    )
+    assert "PRIVATE" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("ring", "match"),
+    [
+        ([], "non-empty sequence"),
+        (KEY, "non-empty sequence"),
+        (["-----BEGIN PRIVATE KEY-----"], "every item must be a SigningKey"),
+        ([KEY, KEY], "share a kid"),
+    ],
+    ids=["empty", "one-key-not-a-list", "pem-text", "duplicate-kid"],
+)
+async def test_set_signing_keys_refuses_a_bad_ring_and_keeps_the_old_one(
+    make_broker: Callable[..., CredentialBroker], ring: Any, match: str
+) -> None:
+    broker = make_broker()
+    before = broker.signing_keys
+    with pytest.raises(ValueError, match=f"signing_keys: .*{match}"):
+        broker.set_signing_keys(ring)
+    assert broker.signing_keys is before
+    assert "BEGIN" not in repr(broker.signing_keys)

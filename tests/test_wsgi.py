@@ -374,6 +374,35 @@ def test_serves_the_issuers_oidc_documents(make_middleware: Any) -> None:
     assert client.head("/issuer/.well-known/jwks.json").data == b""
 
 
+def test_a_replaced_key_ring_is_served_with_new_etags(
+    make_middleware: Any, strict_sts: StrictSTS
+) -> None:
+    middleware = make_middleware()
+    broker = middleware.broker
+    client = Client(middleware)
+    paths = ("/issuer/.well-known/jwks.json", "/issuer/.well-known/openid-configuration")
+    before = {path: client.get(path) for path in paths}
+    assert client.get("/", headers={"X-Tenant": "a"}).status_code == 200
+    cached = broker.get_cached(ROLE_A)
+    new = SigningKey.generate("RS256")
+    broker.set_signing_keys([new, *broker.signing_keys])
+    for path in paths:
+        after = client.get(path, headers={"If-None-Match": before[path].headers["etag"]})
+        assert after.status_code == 200  # the old ETag no longer matches
+        assert after.headers["etag"] != before[path].headers["etag"]
+    jwks = client.get(paths[0]).json
+    assert jwks == broker.jwks()
+    assert [k["kid"] for k in jwks["keys"]] == [k.kid for k in broker.signing_keys]
+    assert client.get(paths[1]).json["id_token_signing_alg_values_supported"] == [
+        "RS256",
+        "ES256",
+    ]
+    # The cached credentials are still served, without another exchange.
+    assert broker.get_cached(ROLE_A) is cached
+    assert client.get("/", headers={"X-Tenant": "a"}).status_code == 200
+    assert strict_sts.calls == 1
+
+
 def test_oidc_documents_at_a_percent_encoded_issuer_path() -> None:
     broker = CredentialBroker(
         issuer="https://example.com/t%C3%A9nant", signing_keys=[SigningKey.generate("ES256")]
