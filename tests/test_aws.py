@@ -4,6 +4,7 @@ loopback (and a StrictSTS on a FakeClock for the refreshes)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import sys
 import threading
@@ -442,3 +443,36 @@ def test_refreshable_checks_its_arguments(broker: CredentialBroker) -> None:
         refreshable(broker, ROLE, timeout=0)
     with pytest.raises(TypeError, match="loop"):
         refreshable(broker, ROLE, loop=object())  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("isolated_aws_env")
+def test_botocore_debug_logging_of_a_call_holds_no_secret(
+    moto_sts: str, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """botocore at DEBUG logs each signed request (headers, canonical request, string to
+    sign): the session token is a header there, and must come out redacted."""
+    credentials = make_credentials("ASIADEBUGLOGGING001")
+    s3 = client(credentials, "s3", region="us-east-1", endpoint_url=moto_sts)
+    caplog.set_level(logging.DEBUG, logger="botocore")
+    caplog.set_level(logging.DEBUG, logger="urllib3")
+    s3.list_objects_v2(Bucket=bucket)
+    text = "\n".join(
+        [r.getMessage() for r in caplog.records] + [repr(r.args) for r in caplog.records]
+    )
+    assert "x-amz-security-token" in text.lower()  # the header was logged, its value not
+    assert credentials.session_token not in text
+    assert credentials.secret_access_key not in text
+
+
+@pytest.mark.usefixtures("isolated_aws_env")
+def test_boto3_session_debug_logging_holds_no_secret(
+    moto_sts: str, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    credentials = make_credentials("ASIADEBUGLOGGING002")
+    s3 = boto3_session(credentials, region="us-east-1").client("s3", endpoint_url=moto_sts)
+    caplog.set_level(logging.DEBUG, logger="botocore")
+    s3.list_objects_v2(Bucket=bucket)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "x-amz-security-token" in text.lower()
+    assert credentials.session_token not in text
+    assert credentials.secret_access_key not in text

@@ -925,3 +925,20 @@ async def test_one_new_client_for_concurrent_calls_after_fork(
     )
     assert len(results) == 8 and sts.calls == 8
     assert len(made) == 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "headers={'X-Amz-Security-Token': b'IQoJb3JpZ2luX2Vj/+=SECRET', 'Host': 'x'}",
+        "x-amz-date:20261129T000000Z\nx-amz-security-token:IQoJb3JpZ2luX2Vj/+=SECRET\n",
+        "https://b.s3.amazonaws.com/k?X-Amz-Security-Token=IQoJb3JpZ2luX2Vj%2FSECRET&X-Amz-Date=1",
+        '{"x-amz-security-token": "IQoJb3JpZ2luX2Vj/+=SECRET"}',
+    ],
+    ids=["header-repr", "canonical-request", "presigned-query", "json"],
+)
+def test_redact_secrets_cuts_the_session_token_header(text: str) -> None:
+    redacted = redact_secrets(text)
+    assert "SECRET" not in redacted
+    assert "IQoJ" not in redacted
+    assert "<redacted>" in redacted

@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from servers.kms import LocalKMS
 from servers.sts import StrictSTS
 from stscreds import (
-    CredentialBroker,
     CredentialsRejected,
     KMSSigningKey,
     Role,
@@ -295,9 +294,7 @@ async def test_kms_errors_map_like_sts_errors_and_keep_kms_message(
     assert isinstance(key, KMSSigningKey)
     message = f"User: arn:aws:sts::123456789012:assumed-role/app is not allowed ({code})"
     kms.fail(code, message, status=status)
-    broker = strict_sts.make_broker(
-        signing_keys=[key], max_attempts=3, exchange_deadline=30.0
-    )
+    broker = strict_sts.make_broker(signing_keys=[key], max_attempts=3, exchange_deadline=30.0)
     broker._exchanger.retry_base_delay = 0.01
     caplog.set_level(logging.INFO, logger="stscreds")
     try:
@@ -325,7 +322,7 @@ async def test_a_hung_kms_is_bounded_by_the_exchange_deadline(
     kms.delay = 3.0
     broker = strict_sts.make_broker(signing_keys=[key], exchange_deadline=0.5)
     try:
-        with pytest.raises(STSUnavailable, match="within 0.5s"):
+        with pytest.raises(STSUnavailable, match=r"within 0\.5s"):
             await asyncio.wait_for(broker.get(ROLE), 10)
     finally:
         broker.close()

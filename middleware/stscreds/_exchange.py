@@ -152,8 +152,17 @@ def classify_error(error: BaseException, role_arn: str | None = None) -> Credent
 # with params", the WebIdentityToken included) and raw response bodies (botocore.parsers:
 # "Response body", with SecretAccessKey and SessionToken). These loggers get a filter that
 # cuts those values out of the few records holding them.
-_SECRET_LOGGERS = ("botocore.endpoint", "botocore.parsers")
-_SECRET_MARKERS = ("SecretAccessKey", "SessionToken", "WebIdentityToken", "eyJ")
+# botocore.endpoint and botocore.auth also log every signed request of any client (headers,
+# canonical request): the session token is the X-Amz-Security-Token header there.
+_SECRET_LOGGERS = ("botocore.endpoint", "botocore.parsers", "botocore.auth")
+_SECRET_MARKERS = (
+    "SecretAccessKey",
+    "SessionToken",
+    "WebIdentityToken",
+    "eyJ",
+    "X-Amz-Security-Token",
+    "x-amz-security-token",
+)
 _REDACTED_NAMES = "SecretAccessKey|SessionToken|WebIdentityToken"
 _SECRET_PATTERNS = (
     # XML elements: <SecretAccessKey>...</SecretAccessKey>
@@ -164,6 +173,12 @@ _SECRET_PATTERNS = (
     (
         re.compile(rf"""(['"]?)\b({_REDACTED_NAMES})\1(\s*[:=]\s*)(['"])(?:(?!\4).)*\4"""),
         r"\1\2\1\3\4<redacted>\4",
+    ),
+    # The session token as a request header or query parameter, in any of botocore's forms:
+    # 'X-Amz-Security-Token': b'...', x-amz-security-token:... and X-Amz-Security-Token=...
+    (
+        re.compile(r"""(x-amz-security-token['"]?\s*[:=]\s*b?['"]?)[^'"\s&,}]+""", re.IGNORECASE),
+        r"\1<redacted>",
     ),
     (_JWT_LIKE, "<redacted>"),
 )

@@ -34,6 +34,7 @@ from ._broker import CredentialBroker
 from ._cache import MANDATORY_WINDOW
 from ._credentials import Credentials
 from ._errors import STSUnavailable
+from ._exchange import install_log_filter
 from ._roles import Role
 from ._wsgi import _loop_for, _LoopThread, wait_for_credentials
 
@@ -123,6 +124,7 @@ def boto3_session(credentials: Credentials, region: str | None = None) -> boto3.
             "stscreds.aws.boto3_session needs boto3: pip install boto3 "
             "(or use stscreds.aws.client, which needs only botocore)"
         ) from None
+    install_log_filter()  # its clients log signed requests (the session token) at DEBUG
     return boto3.Session(region_name=region, **credentials.boto3_kwargs())
 
 
@@ -358,6 +360,8 @@ def _shared_session() -> Any:
     # Called with _create_lock held.
     global _session
     if _session is None:
+        # botocore at DEBUG logs each signed request, the session token among its headers.
+        install_log_filter()
         _session = botocore.session.get_session()
     return _session
 

@@ -9,7 +9,6 @@ calls were on the wire at once.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
