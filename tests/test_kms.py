@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -345,3 +346,30 @@ async def test_an_unreachable_kms_is_unavailable_and_names_the_endpoint(
     finally:
         broker.close()
     assert strict_sts.calls_for(ROLE.arn) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_worker_signs_on_a_client_of_its_own(kms: LocalKMS) -> None:
+    # gunicorn --preload: the key is built (GetPublicKey, a pooled connection) in the parent.
+    key = kms_key(kms)
+    assert isinstance(key, KMSSigningKey)
+    parent_client = key._client
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: sign, verify, report, and leave without running pytest's exit
+        status = 1
+        try:
+            token = key.sign({"sub": "forked"})
+            jwt.decode(token, key=jwt.PyJWK(key.public_jwk()).key, algorithms=["ES256"])
+            os.write(write, b"fresh" if key._client is not parent_client else b"shared")
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        reported = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert reported == b"fresh"
+    assert key._client is parent_client  # the parent keeps its own
+    assert jwt.decode(key.sign({"sub": "parent"}), options={"verify_signature": False})

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import botocore.session
@@ -85,7 +87,15 @@ class KMSSigningKey(SigningKey):
     The process needs ``kms:GetPublicKey`` and ``kms:Sign`` on this key, nothing else.
     """
 
-    __slots__ = ("_client", "_ecdsa_size", "_kms_algorithm", "key_arn", "key_id")
+    __slots__ = (
+        "_client",
+        "_ecdsa_size",
+        "_kms_algorithm",
+        "_new_client",
+        "_pid",
+        "key_arn",
+        "key_id",
+    )
 
     def __init__(
         self,
@@ -115,19 +125,21 @@ class KMSSigningKey(SigningKey):
             raise ValueError("region: no AWS region given or configured (AWS_REGION)")
         #: The key as it was named (id, ARN or alias).
         self.key_id: str = key_id
-        self._client: BaseClient = session.create_client(
+        config = Config(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            # The exchange retries transient failures itself, inside its deadline.
+            retries={"total_max_attempts": 1},
+            max_pool_connections=64,
+        )
+        self._new_client = partial(
+            session.create_client,
             "kms",
             region_name=region,
             endpoint_url=endpoint_url,
-            config=Config(
-                connect_timeout=connect_timeout,
-                read_timeout=read_timeout,
-                # The exchange retries transient failures itself, inside its deadline.
-                retries={"total_max_attempts": 1},
-                max_pool_connections=64,
-            ),
+            config=config,
         )
-        off_gate_on_the_wire(self._client, "kms.Sign")
+        self._client: BaseClient = self._client_for_this_process()
         try:
             answer = self._client.get_public_key(KeyId=key_id)
         except (ClientError, BotoCoreError) as error:
@@ -165,12 +177,17 @@ class KMSSigningKey(SigningKey):
 
         Raises STSUnavailable (transient KMS failure) or CredentialsRejected (KMS refused).
         """
+        client = self._client
+        if self._pid != os.getpid():
+            # A forked worker (gunicorn --preload): the parent's client holds connections the
+            # parent opened, which two processes must never share. Left alone, not closed.
+            client = self._client_for_this_process()
         header = {"alg": self.alg, "kid": self.kid, "typ": "JWT"}
         signing_input = _json_b64url(header) + b"." + _json_b64url(dict(payload))
         try:
             # RAW: KMS hashes the message itself. The signing input is far below the 4 KB
             # limit, and moto hashes a DIGEST message a second time.
-            answer = self._client.sign(
+            answer = client.sign(
                 KeyId=self.key_arn,
                 Message=signing_input,
                 MessageType="RAW",
@@ -184,6 +201,14 @@ class KMSSigningKey(SigningKey):
             size = self._ecdsa_size
             signature = r.to_bytes(size, "big") + s.to_bytes(size, "big")
         return (signing_input + b"." + _b64url(signature)).decode()
+
+    def _client_for_this_process(self) -> BaseClient:
+        client: BaseClient = self._new_client()
+        off_gate_on_the_wire(client, "kms.Sign")
+        # The client first, then the pid: a thread that sees this pid sees this client.
+        self._client = client
+        self._pid = os.getpid()
+        return client
 
     def to_pem(self) -> bytes:
         """Always raises TypeError: a KMS key's private key never leaves KMS."""
