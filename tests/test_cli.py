@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import jwt
@@ -17,12 +19,26 @@ from stscreds._signing import SigningKey
 from stscreds.stores import StoreCipher
 
 
-def run_cli(*args: str | os.PathLike[str], umask: int | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m stscreds ARGS`` in a fresh interpreter, optionally under ``umask``."""
+def run_cli(
+    *args: str | os.PathLike[str],
+    umask: int | None = None,
+    stdin: str | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run ``python -m stscreds ARGS`` in a fresh interpreter, optionally under ``umask``,
+    with ``stdin`` as its input and ``env`` added to the environment."""
     command = [sys.executable, "-m", "stscreds", *map(str, args)]
     if umask is not None:
         command = ["sh", "-c", f'umask {umask:03o} && exec "$0" "$@"', *command]
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        input=stdin,
+        env=None if env is None else {**os.environ, **env},
+    )
 
 
 def mode_of(path: Path) -> int:
@@ -227,3 +243,355 @@ def test_store_key_prints_a_fresh_usable_aes256_key() -> None:
     assert len(base64.b64decode(key)) == 32
     cipher = StoreCipher([key])
     assert cipher.open("k", cipher.seal("k", b"secret")) == b"secret"
+
+
+# --- trust-policy ----------------------------------------------------------------------------
+
+ISSUER = "https://app.example.com"
+PROVIDER = "arn:aws:iam::123456789012:oidc-provider/app.example.com"
+
+
+def trust_policy(subject: str = "tenant:acme") -> dict:
+    result = run_cli(
+        "trust-policy", "--issuer", ISSUER, "--account", "123456789012", "--subject", subject
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_trust_policy_prints_the_recommended_policy_as_indented_json() -> None:
+    result = run_cli(
+        "trust-policy", "--issuer", ISSUER, "--provider-arn", PROVIDER, "--subject", "tenant:acme"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith('{\n  "Version": "2012-10-17"')
+    document = json.loads(result.stdout)
+    [statement] = document["Statement"]
+    assert statement["Principal"] == {"Federated": PROVIDER}
+    assert statement["Condition"] == {
+        "StringEquals": {
+            "app.example.com:aud": "sts.amazonaws.com",
+            "app.example.com:sub": "tenant:acme",
+        }
+    }
+    assert document == trust_policy()
+
+
+def test_trust_policy_output_checks_clean(tmp_path: Path) -> None:
+    path = tmp_path / "trust.json"
+    result = run_cli(
+        "trust-policy",
+        *("--issuer", "https://example.com/app", "--account", "123456789012"),
+        *("--subject", "tenant:acme", "--audience", "my-client", "--partition", "aws-cn"),
+    )
+    assert result.returncode == 0, result.stderr
+    path.write_text(result.stdout)
+    check = run_cli(
+        "check-trust-policy",
+        path,
+        *("--issuer", "https://example.com/app", "--audience", "my-client"),
+        *("--subject-template", "tenant:{tenant}"),
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.startswith("ok: ")
+    assert check.stdout.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(["--account", "123"], "account_id", id="short-account"),
+        pytest.param(["--account", "123456789012", "--subject", "t:*"], "subject", id="wildcard"),
+        pytest.param(
+            ["--account", "123456789012", "--partition", "x"], "partition", id="partition"
+        ),
+        pytest.param(["--provider-arn", "arn:aws:iam::1:x"], "provider_arn", id="bad-arn"),
+    ],
+)
+def test_trust_policy_bad_input_exits_2_with_a_message(args: list[str], message: str) -> None:
+    if "--subject" not in args:
+        args = [*args, "--subject", "tenant:acme"]
+    result = run_cli("trust-policy", "--issuer", ISSUER, *args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"stscreds: {message}: ")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["--issuer", ISSUER, "--subject", "s"], id="no-account-or-arn"),
+        pytest.param(
+            [
+                "--issuer",
+                ISSUER,
+                "--subject",
+                "s",
+                "--account",
+                "123456789012",
+                "--provider-arn",
+                PROVIDER,
+            ],
+            id="account-and-arn",
+        ),
+        pytest.param(["--account", "123456789012", "--subject", "s"], id="no-issuer"),
+    ],
+)
+def test_trust_policy_usage_errors_exit_2(args: list[str]) -> None:
+    result = run_cli("trust-policy", *args)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
+
+
+# --- check-trust-policy ----------------------------------------------------------------------
+
+
+def open_policy(tmp_path: Path) -> Path:
+    """A trust policy that checks aud but not sub: any tenant's token assumes the role."""
+    path = tmp_path / "open.json"
+    document = trust_policy()
+    del document["Statement"][0]["Condition"]["StringEquals"]["app.example.com:sub"]
+    document["Statement"][0]["Sid"] = "Web"
+    path.write_text(json.dumps(document))
+    return path
+
+
+def test_check_trust_policy_good_file_exits_0(tmp_path: Path) -> None:
+    path = tmp_path / "trust.json"
+    path.write_text(json.dumps(trust_policy()))
+    result = run_cli("check-trust-policy", path, "--issuer", ISSUER)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("ok: ")
+    assert str(path) in result.stdout
+    assert result.stderr == ""
+
+
+def test_check_trust_policy_bad_file_exits_1_with_one_line_per_finding(tmp_path: Path) -> None:
+    result = run_cli("check-trust-policy", open_policy(tmp_path), "--issuer", ISSUER)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: statement 0 (Sid Web): app.example.com:sub: ")
+    assert "any tenant" in lines[0]
+    assert "ok:" not in result.stdout
+
+
+def test_check_trust_policy_warnings_alone_exit_0(tmp_path: Path) -> None:
+    document = trust_policy()
+    del document["Statement"][0]["Condition"]["StringEquals"]["app.example.com:aud"]
+    path = tmp_path / "trust.json"
+    path.write_text(json.dumps(document))
+    result = run_cli("check-trust-policy", path, "--issuer", ISSUER)
+    assert result.returncode == 0
+    warning, ok = result.stdout.splitlines()
+    assert warning.startswith("warning: statement 0: app.example.com:aud: ")
+    assert ok.startswith("ok: ") and ok.endswith("(1 warning)")
+
+
+def test_check_trust_policy_subject_template_finds_a_crossing_wildcard(tmp_path: Path) -> None:
+    document = trust_policy()
+    condition = document["Statement"][0]["Condition"]
+    condition["StringLike"] = {
+        "app.example.com:sub": condition["StringEquals"].pop("app.example.com:sub") + "*"
+    }
+    path = tmp_path / "trust.json"
+    path.write_text(json.dumps(document))
+    result = run_cli(
+        "check-trust-policy", path, "--issuer", ISSUER, "--subject-template", "tenant:{tenant}"
+    )
+    assert result.returncode == 1
+    assert "'tenant:acme*'" in result.stdout
+    assert "more than one tenant" in result.stdout
+
+
+def test_check_trust_policy_reads_stdin(tmp_path: Path) -> None:
+    good = run_cli("check-trust-policy", "-", "--issuer", ISSUER, stdin=json.dumps(trust_policy()))
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "stdin" in good.stdout
+    bad = run_cli(
+        "check-trust-policy", "-", "--issuer", ISSUER, stdin=open_policy(tmp_path).read_text()
+    )
+    assert bad.returncode == 1
+    assert "app.example.com:sub" in bad.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param("{not json", "not valid JSON", id="not-json"),
+        pytest.param("[1, 2]", "must be a JSON object", id="not-a-policy"),
+        pytest.param('{"Version": "2012-10-17"}', "has no Statement", id="no-statement"),
+    ],
+)
+def test_check_trust_policy_unusable_input_exits_2(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    path = tmp_path / "trust.json"
+    path.write_text(content)
+    result = run_cli("check-trust-policy", path, "--issuer", ISSUER)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("stscreds: ")
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_trust_policy_unreadable_file_exits_2(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.json"
+    result = run_cli("check-trust-policy", missing, "--issuer", ISSUER)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"stscreds: {missing}: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_check_trust_policy_bad_issuer_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "trust.json"
+    path.write_text(json.dumps(trust_policy()))
+    result = run_cli("check-trust-policy", path, "--issuer", "http://app.example.com")
+    assert result.returncode == 2
+    assert result.stderr.startswith("stscreds: issuer: ")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["--issuer", ISSUER], id="neither-file-nor-role"),
+        pytest.param(["trust.json", "--role-name", "r", "--issuer", ISSUER], id="file-and-role"),
+        pytest.param(["trust.json"], id="no-issuer"),
+        pytest.param(["trust.json", "--issuer", ISSUER, "--region", "us-east-1"], id="region"),
+        pytest.param(["trust.json", "--issuer", ISSUER, "--bogus"], id="unknown-option"),
+    ],
+)
+def test_check_trust_policy_usage_errors_exit_2(tmp_path: Path, args: list[str]) -> None:
+    (tmp_path / "trust.json").write_text(json.dumps(trust_policy()))
+    args = [str(tmp_path / a) if a == "trust.json" else a for a in args]
+    result = run_cli("check-trust-policy", *args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "usage:" in result.stderr
+
+
+@pytest.fixture
+def moto_iam() -> Iterator[str]:
+    """moto's server on 127.0.0.1 (a free port), for IAM; stopped after the test."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+# Fake credentials for moto, and no shared config or credentials file of the user's.
+FAKE_AWS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+
+
+def create_role(endpoint: str, name: str, document: dict) -> None:
+    import botocore.session
+
+    session = botocore.session.Session()
+    iam = session.create_client(
+        "iam",
+        region_name="us-east-1",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(document))
+
+
+def test_check_trust_policy_reads_a_role_from_iam(tmp_path: Path, moto_iam: str) -> None:
+    create_role(moto_iam, "tenant-acme", trust_policy())
+    create_role(moto_iam, "tenant-open", json.loads(open_policy(tmp_path).read_text()))
+
+    good = run_cli(
+        "check-trust-policy",
+        "--role-name",
+        "tenant-acme",
+        "--issuer",
+        ISSUER,
+        "--endpoint-url",
+        moto_iam,
+        env=FAKE_AWS,
+    )
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert good.stdout.startswith("ok: ")
+    assert "role/tenant-acme" in good.stdout
+
+    bad = run_cli(
+        "check-trust-policy",
+        "--role-name",
+        "tenant-open",
+        "--issuer",
+        ISSUER,
+        "--endpoint-url",
+        moto_iam,
+        "--region",
+        "us-east-1",
+        env=FAKE_AWS,
+    )
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert bad.stdout.startswith("error: statement 0 (Sid Web): app.example.com:sub: ")
+
+
+def test_check_trust_policy_missing_role_exits_2_with_the_aws_error(moto_iam: str) -> None:
+    result = run_cli(
+        "check-trust-policy",
+        "--role-name",
+        "no-such-role",
+        "--issuer",
+        ISSUER,
+        "--endpoint-url",
+        moto_iam,
+        env=FAKE_AWS,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("stscreds: IAM GetRole no-such-role: NoSuchEntity: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_check_trust_policy_unreachable_iam_exits_2() -> None:
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_cli(
+        "check-trust-policy",
+        "--role-name",
+        "r",
+        "--issuer",
+        ISSUER,
+        "--endpoint-url",
+        f"http://127.0.0.1:{port}",
+        env=FAKE_AWS,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("stscreds: IAM GetRole r: ")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("encoded", [False, True], ids=["decoded-dict", "url-encoded-text"])
+def test_get_role_policy_document_is_checked_in_either_form(tmp_path: Path, encoded: bool) -> None:
+    from urllib.parse import quote
+
+    from stscreds.__main__ import _decoded_policy
+    from stscreds.trust import check_trust_policy
+
+    for document, errors in (
+        (trust_policy(), 0),
+        (json.loads(open_policy(tmp_path).read_text()), 1),
+    ):
+        value = quote(json.dumps(document)) if encoded else document
+        findings = check_trust_policy(_decoded_policy(value), issuer=ISSUER)
+        assert sum(f.severity == "error" for f in findings) == errors
