@@ -22,7 +22,14 @@ from stscreds import (
     STSUnavailable,
 )
 from stscreds._broker import PROCESS_WIDE_FAILURES, _ShortGrant
-from stscreds._errors import _BadResponse, _Closed, _Timeout, _Unreachable
+from stscreds._errors import (
+    _BadResponse,
+    _Closed,
+    _SigningRejected,
+    _SigningUnavailable,
+    _Timeout,
+    _Unreachable,
+)
 from stscreds._exchange import BudgetRefused
 from stscreds._metrics import (
     DURATION_BUCKETS,
@@ -240,7 +247,16 @@ def test_process_wide_failures_are_labels_error_label_can_produce() -> None:
     # health() matches these against error_label's output: a typo would never match.
     reasons = {
         cls.reason
-        for cls in (_Timeout, _Unreachable, _BadResponse, _Closed, _ShortGrant, BudgetRefused)
+        for cls in (
+            _Timeout,
+            _Unreachable,
+            _BadResponse,
+            _Closed,
+            _ShortGrant,
+            BudgetRefused,
+            _SigningUnavailable,
+            _SigningRejected,
+        )
         if cls.reason is not None
     }
     assert PROCESS_WIDE_FAILURES.issubset(KNOWN_CODES | reasons)
