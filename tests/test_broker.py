@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import math
+import os
 import re
 import socket
 import sys
@@ -24,6 +25,7 @@ from typing import Any
 import jwt
 import pytest
 
+from servers import in_fork
 from servers.clock import FakeClock, Skewed
 from servers.sts import StrictSTS
 from stscreds import (
@@ -66,9 +68,8 @@ async def make_broker(strict_sts: StrictSTS) -> AsyncIterator[Callable[..., Cred
         kwargs.setdefault("connect_timeout", 1.0)
         kwargs.setdefault("read_timeout", 3.0)
         kwargs.setdefault("exchange_deadline", 5.0)
-        broker = CredentialBroker(
-            issuer=ISSUER, signing_keys=[KEY], sts_endpoint_url=strict_sts.url, **kwargs
-        )
+        kwargs.setdefault("signing_keys", [KEY])
+        broker = CredentialBroker(issuer=ISSUER, sts_endpoint_url=strict_sts.url, **kwargs)
         if not brokers:
             strict_sts.configure(issuer=broker.issuer, jwks=broker.jwks)
         brokers.append(broker)
@@ -1828,3 +1829,165 @@ async def test_set_signing_keys_refuses_a_bad_ring_and_keeps_the_old_one(
         broker.set_signing_keys(ring)
     assert broker.signing_keys is before
     assert "BEGIN" not in repr(broker.signing_keys)
+
+
+def test_switching_to_a_key_never_published_warns(
+    make_broker: Callable[..., CredentialBroker], caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = make_broker()
+    new = SigningKey.generate("ES256", kid="brand-new")
+    caplog.set_level(logging.INFO, logger="stscreds")
+    broker.set_signing_keys([KEY, new])  # runbook step 1: publish second
+    broker.set_signing_keys([new, KEY])  # step 3: switch to a published key
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    other = SigningKey.generate("ES256", kid="never-published")
+    broker.set_signing_keys([other])
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.getMessage().startswith(
+        "signing with never-published, which was not published before"
+    )
+
+
+# -- a key source re-read on an interval ------------------------------------------------------
+
+
+class KeyFiles:
+    """A key source: the PEM files of a directory, by name (what a mounted secret looks like)."""
+
+    def __init__(self, directory: Any) -> None:
+        self.directory = directory
+        self.reads = 0
+        self.fail: BaseException | None = None
+
+    def write(self, name: str, key: SigningKey) -> None:
+        (self.directory / name).write_bytes(key.to_pem())
+
+    def remove(self, name: str) -> None:
+        (self.directory / name).unlink()
+
+    def __call__(self) -> list[SigningKey]:
+        self.reads += 1
+        if self.fail is not None:
+            raise self.fail
+        return [SigningKey.from_pem(p.read_bytes()) for p in sorted(self.directory.glob("*.pem"))]
+
+
+@pytest.fixture
+def key_files(tmp_path: Any) -> KeyFiles:
+    files = KeyFiles(tmp_path)
+    files.write("1-current.pem", KEY)
+    return files
+
+
+async def test_a_key_source_is_read_at_start_and_reloaded_when_it_changes(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, key_files: KeyFiles
+) -> None:
+    broker = make_broker(signing_keys=key_files, signing_keys_interval=3600)
+    assert [k.kid for k in broker.signing_keys] == [KEY.kid]
+    cached = await broker.get(Role(ROLE, subject="reader"))
+    # Re-read, equal keys (new objects): nothing replaced.
+    assert broker.reload_signing_keys() is False
+    new = SigningKey.generate("ES256")  # a PEM file holds no kid: the thumbprint is it
+    key_files.write("0-new.pem", new)  # sorts first: it signs
+    assert broker.reload_signing_keys() is True
+    assert [k.kid for k in broker.signing_keys] == [new.kid, KEY.kid]
+    assert [k["kid"] for k in broker.jwks()["keys"]] == [new.kid, KEY.kid]
+    await broker.get(Role(OTHER_ROLE, subject="writer"))
+    assert jwt.get_unverified_header(token_of(strict_sts))["kid"] == new.kid
+    assert await broker.get(Role(ROLE, subject="reader")) is cached
+    assert key_files.reads == 3
+
+
+@pytest.mark.parametrize(
+    ("fault", "logged"),
+    [
+        (
+            ValueError("-----BEGIN PRIVATE KEY----- MIIE..."),
+            f"signing key source raised ValueError; keeping the current keys ({KEY.kid} signs)",
+        ),
+        (
+            "empty",
+            "signing key source returned a ring that was refused (signing_keys: must be a "
+            f"non-empty sequence of SigningKey); keeping the current keys ({KEY.kid} signs)",
+        ),
+    ],
+    ids=["raises", "empty-ring"],
+)
+async def test_a_failing_key_source_keeps_the_ring_and_says_why(
+    make_broker: Callable[..., CredentialBroker],
+    key_files: KeyFiles,
+    caplog: pytest.LogCaptureFixture,
+    fault: Any,
+    logged: str,
+) -> None:
+    broker = make_broker(signing_keys=key_files, signing_keys_interval=3600)
+    before = broker.signing_keys
+    if fault == "empty":
+        key_files.remove("1-current.pem")
+    else:
+        key_files.fail = fault
+    caplog.set_level(logging.WARNING, logger="stscreds")
+    assert broker.reload_signing_keys() is False
+    assert broker.signing_keys is before
+    assert [r.getMessage() for r in caplog.records] == [logged]
+    assert "BEGIN" not in caplog.text
+
+
+async def test_the_broker_polls_its_key_source_on_a_thread_until_closed(
+    strict_sts: StrictSTS, key_files: KeyFiles
+) -> None:
+    broker = CredentialBroker(
+        issuer=ISSUER,
+        signing_keys=key_files,
+        signing_keys_interval=0.02,
+        sts_endpoint_url=strict_sts.url,
+    )
+    poller = broker._key_poller
+    assert poller is not None
+    new = SigningKey.generate("ES256")
+    key_files.write("0-new.pem", new)
+    # A real thread on a real interval: wait for the event it brings, not for time to pass.
+    await wait_until(lambda: broker.signing_keys[0].kid == new.kid)
+    await broker.aclose()
+    poller._thread.join(5)
+    assert not poller._thread.is_alive()
+    reads = key_files.reads
+    await asyncio.sleep(0.1)
+    assert key_files.reads == reads  # no reads after close
+
+
+async def test_key_source_arguments_are_checked(
+    make_broker: Callable[..., CredentialBroker], key_files: KeyFiles
+) -> None:
+    with pytest.raises(ValueError, match="signing_keys_interval: must be a positive"):
+        make_broker(signing_keys=key_files, signing_keys_interval=0)
+    key_files.fail = OSError("mount not ready")
+    with pytest.raises(OSError, match="mount not ready"):  # at start-up: the caller's error
+        make_broker(signing_keys=key_files)
+    with pytest.raises(RuntimeError, match="no key source"):
+        make_broker().reload_signing_keys()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_polls_its_key_source_with_a_thread_of_its_own(
+    strict_sts: StrictSTS, key_files: KeyFiles
+) -> None:
+    broker = CredentialBroker(
+        issuer=ISSUER,
+        signing_keys=key_files,
+        signing_keys_interval=3600,
+        sts_endpoint_url=strict_sts.url,
+    )
+    try:
+        parent = broker._key_poller
+        assert parent is not None
+
+        def child() -> bytes:
+            poller = broker._key_poller
+            fresh = poller is not None and poller is not parent and poller._thread.is_alive()
+            return b"fresh" if fresh else b"none"
+
+        assert in_fork(child) == b"fresh"
+        assert broker._key_poller is parent and parent._thread.is_alive()
+    finally:
+        broker.close()

@@ -480,6 +480,29 @@ def test_signing_keys_as_pem_text_and_sts_budget_as_a_dict(
     assert broker.sts_budget is budget
 
 
+def test_signing_keys_as_a_key_source_with_its_interval(
+    broker_calls: list[dict[str, Any]],
+) -> None:
+    from stscreds.django import broker_from_settings
+
+    ring = [SAMPLE_KEY]
+    options = {
+        "ISSUER": "https://issuer.example.com",
+        "SIGNING_KEYS": lambda: list(ring),
+        "SIGNING_KEYS_INTERVAL": 3600,
+    }
+    broker = broker_from_settings(options)
+    try:
+        assert broker.signing_keys == (SAMPLE_KEY,)
+        assert broker.signing_keys_interval == 3600.0
+        new = SigningKey.generate("ES256")
+        ring.insert(0, new)
+        assert broker.reload_signing_keys() is True
+        assert broker.signing_keys == (new, SAMPLE_KEY)
+    finally:
+        broker.close()
+
+
 def test_missing_stscreds_setting_is_improperly_configured() -> None:
     from stscreds.django import broker_from_settings
 

@@ -14,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from servers import in_fork
 from servers.kms import LocalKMS
 from servers.sts import StrictSTS
 from stscreds import (
@@ -354,22 +355,12 @@ def test_a_forked_worker_signs_on_a_client_of_its_own(kms: LocalKMS) -> None:
     key = kms_key(kms)
     assert isinstance(key, KMSSigningKey)
     parent_client = key._client
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: sign, verify, report, and leave without running pytest's exit
-        status = 1
-        try:
-            token = key.sign({"sub": "forked"})
-            jwt.decode(token, key=jwt.PyJWK(key.public_jwk()).key, algorithms=["ES256"])
-            os.write(write, b"fresh" if key._client is not parent_client else b"shared")
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        reported = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert reported == b"fresh"
+
+    def child() -> bytes:  # sign, verify, report
+        token = key.sign({"sub": "forked"})
+        jwt.decode(token, key=jwt.PyJWK(key.public_jwk()).key, algorithms=["ES256"])
+        return b"fresh" if key._client is not parent_client else b"shared"
+
+    assert in_fork(child) == b"fresh"
     assert key._client is parent_client  # the parent keeps its own
     assert jwt.decode(key.sign({"sub": "parent"}), options={"verify_signature": False})

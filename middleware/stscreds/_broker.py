@@ -47,7 +47,7 @@ from ._metrics import (
 )
 from ._roles import Role, identity_key
 from ._shared import SharedTier, StoreStats
-from ._signing import SigningKey, TokenMinter
+from ._signing import KeySource, KeySourcePoller, SigningKey, TokenMinter
 from ._telemetry import Tracing
 from .stores import CredentialStore
 
@@ -226,7 +226,8 @@ class CredentialBroker:
         self,
         *,
         issuer: str,
-        signing_keys: Sequence[SigningKey],
+        signing_keys: Sequence[SigningKey] | KeySource,
+        signing_keys_interval: float = 60.0,
         region: str = "us-east-1",
         sts_endpoint_url: str | None = None,
         audience: str = "sts.amazonaws.com",
@@ -271,6 +272,18 @@ class CredentialBroker:
         self._offset_warned = False
         # The offset the cached entries were planned with (see _check_offset).
         self._planned_offset = 0.0
+        if (
+            isinstance(signing_keys_interval, bool)
+            or not isinstance(signing_keys_interval, int | float)
+            or signing_keys_interval <= 0
+        ):
+            raise ValueError("signing_keys_interval: must be a positive number of seconds")
+        self.signing_keys_interval = float(signing_keys_interval)
+        #: The callable signing_keys was (re-read every signing_keys_interval), or None.
+        self._key_source: KeySource | None = None
+        if callable(signing_keys):
+            self._key_source = signing_keys
+            signing_keys = signing_keys()  # at start-up its errors are the caller's to see
         self._minter = TokenMinter(
             issuer=issuer,
             audience=audience,
@@ -323,6 +336,7 @@ class CredentialBroker:
         self._timed_out: weakref.WeakSet[asyncio.Task[Credentials]] = weakref.WeakSet()
         # gunicorn --preload and multiprocessing fork a process that already made a broker.
         os.register_at_fork(after_in_child=partial(_reset_in_child, weakref.ref(self)))
+        self._key_poller = self._start_key_poller()
         # The lease must outlive one whole exchange, or a slow holder loses it mid-call.
         self._shared = (
             None
@@ -403,12 +417,63 @@ class CredentialBroker:
             clock=old.clock,
         )
         self._minter = minter
+        signing = minter.keys[0].kid
+        if signing not in {k.kid for k in old.keys}:
+            # The rotation runbook's step 3 before its step 1: AWS has never seen this key.
+            logger.warning(
+                "signing with %s, which was not published before: AWS refuses its tokens "
+                "(InvalidIdentityToken) until it has fetched the new JWKS; publish a key "
+                "second first, wait, then switch",
+                signing,
+                extra={"signing_kid": signing},
+            )
         logger.info(
             "signing keys replaced: %s signs, %s published",
             minter.keys[0].kid,
             ", ".join(k.kid for k in minter.keys),
             extra={"signing_kid": minter.keys[0].kid, "kids": [k.kid for k in minter.keys]},
         )
+
+    def reload_signing_keys(self) -> bool:
+        """Read the key source (``signing_keys`` given as a callable) now; True if the ring
+        changed and was replaced.
+
+        The broker calls this every ``signing_keys_interval`` seconds on a thread of its own.
+        A source that raises, or returns a ring the broker refuses, is logged (WARNING) and
+        the current ring kept. RuntimeError without a key source.
+        """
+        source = self._key_source
+        if source is None:
+            raise RuntimeError("no key source: signing_keys was given as a sequence")
+        current = self._minter.keys
+        try:
+            ring = tuple(source())
+        except Exception as error:
+            # The source's own message could hold key material: its type only.
+            logger.warning(
+                "signing key source raised %s; keeping the current keys (%s signs)",
+                type(error).__name__,
+                current[0].kid,
+            )
+            return False
+        if [k.public_jwk() for k in ring] == [k.public_jwk() for k in current]:
+            return False
+        try:
+            self.set_signing_keys(ring)
+        except ValueError as error:  # stscreds' own validation: says what is wrong, no secret
+            logger.warning(
+                "signing key source returned a ring that was refused (%s); keeping the "
+                "current keys (%s signs)",
+                error,
+                current[0].kid,
+            )
+            return False
+        return True
+
+    def _start_key_poller(self) -> KeySourcePoller | None:
+        if self._key_source is None or self._closed:
+            return None
+        return KeySourcePoller(self, "reload_signing_keys", self.signing_keys_interval)
 
     def jwks(self) -> dict[str, Any]:
         """The JWKS publishing every signing key (serve it at the issuer's jwks_uri)."""
@@ -604,6 +669,8 @@ class CredentialBroker:
         self._warnings = _WarningSummary()
         self._timed_out = weakref.WeakSet()
         self._exchanger.reset_after_fork()
+        # The parent's poller thread does not exist here.
+        self._key_poller = self._start_key_poller()
         self.sts_clock.after_fork()
         if self._exchanger.budget is not None:
             self._exchanger.budget.after_fork()
@@ -1003,6 +1070,8 @@ class CredentialBroker:
         Later cache misses raise STSUnavailable ("credential broker is closed").
         """
         self._closed = True
+        if self._key_poller is not None:
+            self._key_poller.stop()
         tasks = list(self._inflight.values())
         for task in tasks:
             task.cancel()
@@ -1017,6 +1086,8 @@ class CredentialBroker:
         In-flight exchanges and later cache misses raise STSUnavailable.
         """
         self._closed = True
+        if self._key_poller is not None:
+            self._key_poller.stop()
         self._exchanger.close()
 
     async def __aenter__(self) -> CredentialBroker:

@@ -6,7 +6,9 @@ import base64
 import hashlib
 import json
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -17,7 +19,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from ._clock import Clock
 
-__all__ = ["SigningKey", "TokenMinter"]
+__all__ = ["KeySource", "KeySourcePoller", "SigningKey", "TokenMinter"]
 
 Algorithm = Literal["RS256", "RS384", "RS512", "ES256", "ES384", "ES512"]
 _RSA_ALGS = ("RS256", "RS384", "RS512")
@@ -263,3 +265,38 @@ class TokenMinter:
             "id_token_signing_alg_values_supported": algs,
             "claims_supported": ["sub", "aud", "exp", "iat", "iss", "nbf", "jti"],
         }
+
+
+#: A callable returning the current key ring (first key signs), re-read on an interval.
+KeySource = Callable[[], Sequence[SigningKey]]
+
+
+class KeySourcePoller:
+    """Calls ``reload()`` of ``owner`` every ``interval`` seconds on a daemon thread, until
+    ``stop()`` or until ``owner`` is garbage (the thread holds only a weak reference)."""
+
+    __slots__ = ("_stop", "_thread", "interval")
+
+    def __init__(self, owner: Any, reload: str, interval: float) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=_poll,
+            args=(weakref.ref(owner), reload, interval, self._stop),
+            name="stscreds-key-source",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the thread (at its next wake-up; never waits for a source call)."""
+        self._stop.set()
+
+
+def _poll(owner: weakref.ref[Any], reload: str, interval: float, stop: threading.Event) -> None:
+    while not stop.wait(interval):
+        target = owner()
+        if target is None:
+            return
+        getattr(target, reload)()
+        del target  # between polls the owner stays collectable

@@ -15,15 +15,17 @@ Adding ``"stscreds"`` to ``INSTALLED_APPS`` is harmless and does nothing.
 ``settings.STSCREDS`` is a dict. Its keys:
 
 - Every keyword argument of ``CredentialBroker``, upper-cased: ISSUER (required),
-  SIGNING_KEYS, REGION, STS_ENDPOINT_URL, AUDIENCE, DEFAULT_SUBJECT, TOKEN_TTL, CACHE_SIZE,
+  SIGNING_KEYS, SIGNING_KEYS_INTERVAL, REGION, STS_ENDPOINT_URL, AUDIENCE, DEFAULT_SUBJECT,
+  TOKEN_TTL, CACHE_SIZE,
   CONNECT_TIMEOUT, READ_TIMEOUT, EXCHANGE_DEADLINE, MAX_ATTEMPTS, MAX_WORKERS,
   REQUEST_TIMEOUT, ADVISORY_WINDOW, REFRESH_BACKOFF, STS_BUDGET, NEGATIVE_TTL,
   TRANSIENT_NEGATIVE_TTL, STORE, STORE_TIMEOUT, STORE_COOLDOWN, LEASE_TTL, CLOCK. The list is
   read from the broker's signature, so a new broker argument is a setting at once. Values are
   passed as they are, except: SIGNING_KEYS items may be PEM text (str or bytes) as well as
-  SigningKey objects; the (low, high) ranges REFRESH_BACKOFF, NEGATIVE_TTL and
-  TRANSIENT_NEGATIVE_TTL may be lists; STS_BUDGET may be a dict of ``StsBudget`` keyword
-  arguments instead of an ``StsBudget``. STORE is a store object (``stscreds.stores``).
+  SigningKey objects (or SIGNING_KEYS a callable returning the ring: a key source); the
+  (low, high) ranges REFRESH_BACKOFF, NEGATIVE_TTL and TRANSIENT_NEGATIVE_TTL may be lists;
+  STS_BUDGET may be a dict of ``StsBudget`` keyword arguments instead of an ``StsBudget``.
+  STORE is a store object (``stscreds.stores``).
 - The signing keys given another way (exactly one of SIGNING_KEYS, KEYS, KEY_FILE): KEYS is
   another name for SIGNING_KEYS; KEY_FILE is the path of a PEM file, or a list of them, the
   first one signing (``python -m stscreds keygen``).
@@ -54,7 +56,7 @@ from ._broker import CredentialBroker
 from ._budget import StsBudget
 from ._credentials import Credentials
 from ._roles import Role
-from ._signing import SigningKey
+from ._signing import KeySource, SigningKey
 from ._wsgi import CredentialsWSGIMiddleware
 
 if TYPE_CHECKING:
@@ -119,11 +121,15 @@ def _options(options: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return options
 
 
-def _signing_keys(options: Mapping[str, Any]) -> list[SigningKey]:
+def _signing_keys(options: Mapping[str, Any]) -> list[SigningKey] | KeySource:
     given = [name for name in _KEY_SETTINGS if options.get(name) is not None]
     if len(given) != 1:
         raise ImproperlyConfigured("settings.STSCREDS: set one of SIGNING_KEYS, KEYS or KEY_FILE")
     (name,) = given
+    if name != "KEY_FILE" and callable(options[name]):
+        # A key source: the broker reads it now and every SIGNING_KEYS_INTERVAL seconds.
+        source: KeySource = options[name]
+        return source
     if name == "KEY_FILE":
         key_file = options[name]
         paths = [key_file] if isinstance(key_file, str | Path) else list(key_file)
