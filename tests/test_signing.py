@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import functools
+import gc
 import hashlib
 import json
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +17,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from stscreds._clock import SystemClock
-from stscreds._signing import SigningKey, TokenMinter, _thumbprint, validate_issuer
+from stscreds._signing import (
+    KeySourcePoller,
+    SigningKey,
+    TokenMinter,
+    _thumbprint,
+    validate_issuer,
+)
 
 ALGS = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512"]
 EC_CURVES = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}
@@ -644,3 +652,39 @@ def test_token_ttl_bounds_are_accepted(ttl: int) -> None:
 )
 def test_token_ttl_out_of_range_is_rejected(ttl: Any) -> None:
     assert_rejected("token_ttl", lambda: make_minter(token_ttl=ttl))
+
+
+# --- KeySourcePoller -------------------------------------------------------------------------
+
+
+class Owner:
+    """Something the poller calls back: counts its reloads, and signals each one."""
+
+    def __init__(self) -> None:
+        self.reloads = 0
+        self.reloaded = threading.Event()
+
+    def reload(self) -> None:
+        self.reloads += 1
+        self.reloaded.set()
+
+
+def test_the_poller_calls_its_owner_until_stopped() -> None:
+    owner = Owner()
+    poller = KeySourcePoller(owner, "reload", 0.01)
+    assert owner.reloaded.wait(5)
+    poller.stop()
+    poller._thread.join(5)
+    assert not poller._thread.is_alive()
+    assert owner.reloads >= 1
+    assert poller._thread.daemon  # never holds the process up at exit
+
+
+def test_the_poller_ends_once_its_owner_is_garbage() -> None:
+    owner = Owner()
+    poller = KeySourcePoller(owner, "reload", 0.01)
+    assert owner.reloaded.wait(5)
+    del owner
+    gc.collect()
+    poller._thread.join(5)  # its next wake-up finds no owner: it ends without stop()
+    assert not poller._thread.is_alive()
