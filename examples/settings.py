@@ -6,6 +6,8 @@ Defaults work with ``make demo``: a local STS on loopback and an issuer on 127.0
 |--------------------------|---------------------------|------------------------------------------|
 | STSCREDS_ISSUER          | http://127.0.0.1:8000     | issuer URL (https in production)         |
 | STSCREDS_KEY_FILE        | (none: a throwaway key)   | PEM key (python -m stscreds keygen)      |
+| STSCREDS_KMS_KEY_ID      | (none)                    | sign with this AWS KMS key instead       |
+| STSCREDS_KMS_ENDPOINT    | (none: regional AWS KMS)  | KMS endpoint override (a local KMS)      |
 | STSCREDS_STS_ENDPOINT    | (none: regional AWS STS)  | STS endpoint override (local STS)        |
 | STSCREDS_REGION          | us-east-1                 | STS region                               |
 | STSCREDS_ACCOUNT_ID      | 123456789012              | account holding the tenant roles         |
@@ -22,7 +24,16 @@ logger = logging.getLogger("examples")
 
 
 def signing_key() -> SigningKey:
-    """The key from STSCREDS_KEY_FILE, or a throwaway one (fine for a demo, not for AWS)."""
+    """The KMS key STSCREDS_KMS_KEY_ID, the key from STSCREDS_KEY_FILE, or a throwaway one
+    (fine for a demo, not for AWS)."""
+    kms_key_id = os.environ.get("STSCREDS_KMS_KEY_ID")
+    if kms_key_id:
+        # The private key stays in KMS; this process needs kms:GetPublicKey and kms:Sign.
+        return SigningKey.from_kms(
+            kms_key_id,
+            region=os.environ.get("STSCREDS_REGION", "us-east-1"),
+            endpoint_url=os.environ.get("STSCREDS_KMS_ENDPOINT") or None,
+        )
     path = os.environ.get("STSCREDS_KEY_FILE")
     if path:
         with open(path, "rb") as handle:

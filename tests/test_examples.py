@@ -281,6 +281,47 @@ def test_flask_app_under_gunicorn_preload_starts_workers_warm(
     assert "Traceback" not in app.output
 
 
+def test_flask_app_signing_with_kms_under_gunicorn_preload(
+    strict_sts: StrictSTS, example_env: dict[str, str], tmp_path: Path
+) -> None:
+    """STSCREDS_KMS_KEY_ID: every token is signed by moto's KMS, in the master (warm-up) and
+    in each forked worker (on a KMS client of its own); the strict STS verifies them all."""
+    from servers.kms import LocalKMS
+
+    kms = LocalKMS().start()
+    try:
+        arn = kms.create_signing_key("ECC_NIST_P256", "us-east-1")
+        public = SigningKey.from_kms(
+            arn, region="us-east-1", endpoint_url=kms.url, session=kms.session()
+        )
+        strict_sts.configure(jwks={"keys": [public.public_jwk()]})
+        env = {
+            **{k: v for k, v in example_env.items() if not k.startswith("AWS_")},
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "STSCREDS_KMS_KEY_ID": arn,
+            "STSCREDS_KMS_ENDPOINT": kms.url,
+            "STSCREDS_WARM_UP": "acme",
+        }
+        env.pop("STSCREDS_KEY_FILE")
+        options = ("--preload", "--workers", "2", "--threads", "8", "--worker-class", "gthread")
+        command = gunicorn("examples.flask_app:app", port_of(env), *options)
+        with running(command, env, tmp_path) as app:
+            warm = app.get_many("/whoami", [{"X-Tenant": "acme"}] * 10)
+            cold = app.get_many("/whoami", [{"X-Tenant": "beta"}] * 10)
+            jwks = app.get("/.well-known/jwks.json").json()
+    finally:
+        kms.stop()
+    assert {r.status_code for r in warm + cold} == {200}
+    assert jwks == {"keys": [public.public_jwk()]}
+    calls = strict_sts.requests_for(ACME_ARN) + strict_sts.requests_for(BETA_ARN)
+    assert {call.token_header["kid"] for call in calls} == {public.kid}
+    assert kms.calls["Sign"] == len(calls)  # one signature per exchange, none per request
+    assert "Traceback" not in app.output
+
+
 # --- Django: ASGI under uvicorn, WSGI under gunicorn with threads -------------------------------
 
 
