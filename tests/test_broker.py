@@ -1763,19 +1763,47 @@ async def test_health_and_log_state_start_afresh_in_a_forked_child(
     assert health["last_failure"] is None and health["last_success_at"] is None
 
 
-async def test_tokens_are_dated_on_stss_clock_once_it_is_known(
+@pytest.mark.parametrize("skew", [600.0, -600.0], ids=["sts-ahead", "sts-behind"])
+async def test_a_cold_broker_minutes_off_stss_clock_signs_again_on_stss_time(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+    skew: float,
+) -> None:
+    # The local clock 10 minutes off STS's: a 5-minute token dated locally has expired (or is
+    # not yet valid) when STS reads it. The refusal carries STS's Date: the exchange signs
+    # again on STS's time and the first request gets credentials.
+    strict_sts.clock = Skewed(clock, skew)
+    broker = make_broker(clock=clock, max_attempts=1)
+    caplog.set_level(logging.INFO, logger="stscreds")
+    credentials = await broker.get(Role(ROLE))
+    (event,) = [r for r in caplog.records if r.getMessage().startswith("exchange for")]
+    assert event.attempts == 2  # type: ignore[attr-defined]
+    assert broker.sts_clock.offset == pytest.approx(skew, abs=2)
+    assert credentials.expiration.timestamp() - strict_sts.clock() > MANDATORY_WINDOW
+    first, second = strict_sts.requests
+    assert first.error_code == "InvalidIdentityToken"
+    assert second.error_code is None
+    assert second.claims is not None
+    assert second.claims["iat"] == pytest.approx(strict_sts.clock(), abs=2)
+
+
+async def test_a_refused_token_is_signed_again_only_once_and_only_after_a_clock_move(
     make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
 ) -> None:
-    # The local clock 10 minutes behind STS's: a 5-minute token dated locally has expired
-    # when STS reads it. The refusal carries STS's Date, so the next token is dated right.
-    strict_sts.clock = Skewed(clock, 600.0)
-    broker = make_broker(clock=clock, negative_ttl=(1.0, 1.0))
-    with pytest.raises(CredentialsRejected, match="expired"):
+    # STS refuses for a reason of its own (no clock news): one call, the refusal as it came.
+    broker = make_broker(clock=clock)
+    strict_sts.fail_always("InvalidIdentityToken", 400, "Incorrect token audience")
+    with pytest.raises(CredentialsRejected, match="audience"):
         await broker.get(Role(ROLE))
-    assert broker.sts_clock.offset == pytest.approx(600.0, abs=2)
-    clock.advance(1.5)  # past the remembered refusal
-    credentials = await broker.get(Role(ROLE))
-    assert credentials.expiration.timestamp() - strict_sts.clock() > MANDATORY_WINDOW
+    assert strict_sts.calls == 1
+    # STS's clock jumps and it keeps refusing: signed again once, then the refusal.
+    strict_sts.reset()
+    strict_sts.clock = Skewed(clock, 600.0)
+    strict_sts.fail_always("InvalidIdentityToken", 400, "Token is expired")
+    with pytest.raises(CredentialsRejected, match="expired"):
+        await broker.get(Role(OTHER_ROLE))
     assert strict_sts.calls == 2
 
 

@@ -82,6 +82,12 @@ THROTTLING_CODES = frozenset(
 )
 
 
+#: STS refusals that a token dated on the wrong clock earns ("Token is expired", ...).
+_CLOCK_REFUSALS = frozenset({"InvalidIdentityToken", "ExpiredTokenException"})
+#: Seconds STS's clock offset must move between minting and the refusal to sign again.
+_REMINT_SHIFT = 5.0
+
+
 def is_throttling(error: BaseException) -> bool:
     """True for an STS answer saying the account is calling too fast."""
     if not isinstance(error, ClientError):
@@ -362,14 +368,20 @@ class StsExchanger:
         # hand-over, which in a burst of many identities are the scarce thing.
         params: dict[str, Any] | None = None
         gate = self._gate
+        sts_clock = self.sts_clock
+        # STS's clock offset the token was dated with, and whether it was signed again (a
+        # call more than ``attempt`` counts).
+        minted_offset = 0.0
+        reminted = False
 
         def attempt_call() -> dict[str, Any]:
-            nonlocal params
+            nonlocal params, minted_offset
             gate.enter()
             # A remote signer (KMS) steps off the gate while its request is on the wire.
             _held.gate = gate
             try:
                 if params is None:
+                    minted_offset = sts_clock.offset
                     params = request.params(mint())
                 return self._call(params, background)
             finally:
@@ -400,7 +412,7 @@ class StsExchanger:
                     retry_after=refused.wait,
                 ) from None
             except asyncio.TimeoutError:
-                outcome.attempts = attempt
+                outcome.attempts = attempt + reminted
                 raise _Timeout(
                     f"STS did not answer within {self.deadline:g}s", role_arn=request.role_arn
                 ) from None
@@ -412,8 +424,21 @@ class StsExchanger:
                     # retried the same way when transient; the next attempt signs again.
                     error = exc._copy(role_arn=request.role_arn)
                 else:
-                    outcome.attempts = attempt
+                    outcome.attempts = attempt + reminted
                     error = classify_error(exc, request.role_arn)
+                    if (
+                        not reminted
+                        and error.code in _CLOCK_REFUSALS
+                        and abs(sts_clock.offset - minted_offset) > _REMINT_SHIFT
+                    ):
+                        # The refusal's Date header moved what is known of STS's clock: the
+                        # token was dated on a clock STS does not share (a cold process
+                        # minutes off). Sign again on STS's time, once, inside the deadline;
+                        # it is not one of the max_attempts.
+                        reminted = True
+                        params = None
+                        attempt -= 1
+                        continue
                 if isinstance(error, CredentialsRejected) or attempt >= self.max_attempts:
                     raise error from None
                 delay = random.uniform(0.5, 1.0) * self.retry_base_delay * 2 ** (attempt - 1)  # noqa: S311
@@ -429,7 +454,7 @@ class StsExchanger:
                 last = error
                 await asyncio.sleep(delay)
                 continue
-            outcome.attempts = attempt
+            outcome.attempts = attempt + reminted
             return _credentials_from(response)
 
     def _new_client(self) -> BaseClient:
