@@ -1859,6 +1859,26 @@ async def test_set_signing_keys_refuses_a_bad_ring_and_keeps_the_old_one(
     assert "BEGIN" not in repr(broker.signing_keys)
 
 
+async def test_an_exchange_waiting_for_a_thread_signs_with_the_ring_of_the_moment_it_signs(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS
+) -> None:
+    # An exchange that started before set_signing_keys but signs after it (queued on the
+    # pool, or waiting at its gate) must sign with the new first key: the old one may be
+    # gone from the JWKS (a leaked key).
+    broker = make_broker()
+    new = SigningKey.generate("ES256", kid="after")
+    gate = broker._exchanger._gate
+    gate._lock.acquire()  # every pool thread now waits before it signs
+    try:
+        pending = asyncio.ensure_future(broker.get(Role(ROLE, subject="reader")))
+        await wait_until(lambda: gate._lock.locked() and len(broker._inflight) == 1)
+        broker.set_signing_keys([new])
+    finally:
+        gate._lock.release()
+    await pending
+    assert jwt.get_unverified_header(token_of(strict_sts))["kid"] == "after"
+
+
 def test_switching_to_a_key_never_published_warns(
     make_broker: Callable[..., CredentialBroker], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1938,8 +1958,13 @@ async def test_a_key_source_is_read_at_start_and_reloaded_when_it_changes(
             "signing key source returned a ring that was refused (signing_keys: must be a "
             f"non-empty sequence of SigningKey); keeping the current keys ({KEY.kid} signs)",
         ),
+        (
+            "pem-text",
+            "signing key source returned a ring that was refused (signing_keys: every item "
+            f"must be a SigningKey); keeping the current keys ({KEY.kid} signs)",
+        ),
     ],
-    ids=["raises", "empty-ring"],
+    ids=["raises", "empty-ring", "pem-text"],
 )
 async def test_a_failing_key_source_keeps_the_ring_and_says_why(
     make_broker: Callable[..., CredentialBroker],
@@ -1952,6 +1977,8 @@ async def test_a_failing_key_source_keeps_the_ring_and_says_why(
     before = broker.signing_keys
     if fault == "empty":
         key_files.remove("1-current.pem")
+    elif fault == "pem-text":  # PEM text, not SigningKey objects (as Django's list may hold)
+        broker._key_source = lambda: [KEY.to_pem().decode()]
     else:
         key_files.fail = fault
     caplog.set_level(logging.WARNING, logger="stscreds")
@@ -1987,8 +2014,9 @@ async def test_the_broker_polls_its_key_source_on_a_thread_until_closed(
 async def test_key_source_arguments_are_checked(
     make_broker: Callable[..., CredentialBroker], key_files: KeyFiles
 ) -> None:
-    with pytest.raises(ValueError, match="signing_keys_interval: must be a positive"):
-        make_broker(signing_keys=key_files, signing_keys_interval=0)
+    for interval in (0, -1, float("nan"), float("inf"), 86_401, True, "60"):
+        with pytest.raises(ValueError, match="signing_keys_interval: must be a number"):
+            make_broker(signing_keys=key_files, signing_keys_interval=interval)
     key_files.fail = OSError("mount not ready")
     with pytest.raises(OSError, match="mount not ready"):  # at start-up: the caller's error
         make_broker(signing_keys=key_files)

@@ -4,6 +4,7 @@ through the strict STS, which verifies every token against the broker's publishe
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from servers import in_fork
 from servers.kms import LocalKMS
@@ -179,8 +181,18 @@ def test_the_private_key_cannot_be_exported_and_the_repr_names_the_key(kms: Loca
         ),
         (lambda k: ("x", {"read_timeout": 0}), ValueError, "read_timeout"),
         (lambda k: ("x", {"session": object()}), TypeError, "session"),
+        (
+            lambda k: (
+                k.client(REGION).create_key(KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC")[
+                    "KeyMetadata"
+                ]["Arn"],
+                {},
+            ),
+            ValueError,
+            "not an asymmetric SIGN_VERIFY key",
+        ),
     ],
-    ids=["empty", "unknown", "symmetric", "alg-mismatch", "pss", "timeout", "session"],
+    ids=["empty", "unknown", "symmetric", "alg-mismatch", "pss", "timeout", "session", "hmac"],
 )
 def test_bad_setups_fail_at_construction_naming_the_parameter(
     kms: LocalKMS, make: Any, error: type[Exception], match: str
@@ -189,6 +201,15 @@ def test_bad_setups_fail_at_construction_naming_the_parameter(
     options.setdefault("session", kms.session())
     with pytest.raises(error, match=match):
         SigningKey.from_kms(key_id, region=REGION, endpoint_url=kms.url, **options)
+
+
+def test_a_boto3_session_is_accepted(kms: LocalKMS) -> None:
+    import boto3
+
+    arn = kms.create_signing_key("ECC_NIST_P256", REGION)
+    session = boto3.Session(aws_access_key_id="testing", aws_secret_access_key="testing")
+    key = SigningKey.from_kms(arn, region=REGION, endpoint_url=kms.url, session=session)
+    assert jwt.decode(key.sign({"sub": "x"}), key=kms_public_key(kms, arn), algorithms=["ES256"])
 
 
 def test_without_a_region_the_error_says_so(
@@ -317,18 +338,57 @@ async def test_kms_errors_map_like_sts_errors_and_keep_kms_message(
     assert any(message in r.getMessage() for r in caplog.records)
 
 
-async def test_a_hung_kms_is_bounded_by_the_exchange_deadline(
+async def test_a_hung_kms_is_bounded_by_the_exchange_deadline_and_sts_is_never_called(
     kms: LocalKMS, strict_sts: StrictSTS
 ) -> None:
     key = kms_key(kms, read_timeout=30.0)
-    kms.delay = 3.0
-    broker = strict_sts.make_broker(signing_keys=[key], exchange_deadline=0.5)
+    kms.delay = 1.0
+    broker = strict_sts.make_broker(signing_keys=[key], exchange_deadline=0.3)
     try:
-        with pytest.raises(STSUnavailable, match=r"within 0\.5s"):
+        with pytest.raises(STSUnavailable) as raised:
             await asyncio.wait_for(broker.get(ROLE), 10)
     finally:
         broker.close()
-    assert strict_sts.calls_for(ROLE.arn) == 0
+    assert raised.value.message == "signing the token did not finish within 0.3s"
+    assert error_label(raised.value) == "SigningUnavailable"
+    # The signature arrives after the caller has gone: it is not sent to STS.
+    assert not await asyncio.to_thread(strict_sts.wait_for_calls, 1, 2.0)
+    assert kms.calls["Sign"] == 1
+
+
+async def test_a_throttled_sts_costs_no_kms_signature_for_calls_the_budget_holds_back(
+    kms: LocalKMS, strict_sts: StrictSTS
+) -> None:
+    key = kms_key(kms)
+    strict_sts.fail_always("Throttling", 400, "Rate exceeded")
+    broker = strict_sts.make_broker(
+        signing_keys=[key], max_attempts=1, transient_negative_ttl=(0, 0), max_workers=8
+    )
+    roles = [Role(f"arn:aws:iam::123456789012:role/t{i}", subject=f"t:{i}") for i in range(40)]
+    try:
+        results = await asyncio.gather(*(broker.get(r) for r in roles), return_exceptions=True)
+    finally:
+        broker.close()
+    assert all(isinstance(r, STSUnavailable) for r in results)
+    assert sum(1 for r in results if error_label(r) == "BudgetRefused") > 0  # type: ignore[arg-type]
+    # Every signature went to STS: the budget is asked before signing.
+    assert kms.calls["Sign"] == strict_sts.calls < len(roles)
+
+
+async def test_attempts_count_the_calls_that_reached_sts_not_failed_signatures(
+    kms: LocalKMS, strict_sts: StrictSTS, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = kms_key(kms)
+    kms.fail("ThrottlingException", "Rate exceeded", times=1)
+    broker = strict_sts.make_broker(signing_keys=[key], max_attempts=3)
+    caplog.set_level(logging.INFO, logger="stscreds")
+    try:
+        await broker.get(ROLE)
+    finally:
+        broker.close()
+    (event,) = [r for r in caplog.records if r.getMessage().startswith("exchange for")]
+    assert event.attempts == 1  # type: ignore[attr-defined]
+    assert (kms.calls["Sign"], strict_sts.calls) == (2, 1)
 
 
 async def test_an_unreachable_kms_is_unavailable_and_names_the_endpoint(
@@ -364,3 +424,28 @@ def test_a_forked_worker_signs_on_a_client_of_its_own(kms: LocalKMS) -> None:
     assert in_fork(child) == b"fresh"
     assert key._client is parent_client  # the parent keeps its own
     assert jwt.decode(key.sign({"sub": "parent"}), options={"verify_signature": False})
+
+
+def test_botocore_debug_logging_of_kms_holds_neither_the_token_nor_the_session_token(
+    kms: LocalKMS, caplog: pytest.LogCaptureFixture
+) -> None:
+    # KMS Sign's message and its signature together are a valid token, for token_ttl.
+    session = kms.session()
+    session.set_credentials("AKIATESTING", "secret-SECRETKEYVALUE", "token-SESSIONTOKENVALUE")
+    caplog.set_level(logging.DEBUG, logger="botocore")
+    arn = kms.create_signing_key("ECC_NIST_P256", REGION)
+    key = SigningKey.from_kms(arn, region=REGION, endpoint_url=kms.url, session=session)
+    token = key.sign({"sub": "tenant:acme"})
+    signing_input, _, signature = token.rpartition(".")
+    raw = jwt.api_jws.base64url_decode(signature.encode())
+    der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "TrentService.Sign" in text and '"Signature"' in text  # the calls were logged
+    for secret in (
+        base64.b64encode(signing_input.encode()).decode()[:40],  # Sign's Message
+        base64.b64encode(der).decode()[:40],  # KMS's signature
+        signature[:40],
+        "SESSIONTOKENVALUE",
+        "SECRETKEYVALUE",
+    ):
+        assert secret not in text

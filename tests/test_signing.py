@@ -8,6 +8,7 @@ import gc
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -688,3 +689,22 @@ def test_the_poller_ends_once_its_owner_is_garbage() -> None:
     gc.collect()
     poller._thread.join(5)  # its next wake-up finds no owner: it ends without stop()
     assert not poller._thread.is_alive()
+
+
+def test_the_poller_goes_on_after_its_owner_raised(caplog: pytest.LogCaptureFixture) -> None:
+    class Failing(Owner):
+        def reload(self) -> None:
+            super().reload()
+            if self.reloads == 1:
+                raise AttributeError("a bug")
+
+    owner = Failing()
+    poller = KeySourcePoller(owner, "reload", 0.01)
+    try:
+        deadline = time.monotonic() + 5
+        while owner.reloads < 2:  # waits for the thread's next call, not for time to pass
+            assert time.monotonic() < deadline, "the poller stopped after an error"
+            owner.reloaded.wait(0.05)
+    finally:
+        poller.stop()
+    assert "reading the signing key source failed: AttributeError" in caplog.text

@@ -11,7 +11,7 @@ import random
 import time
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -275,9 +275,9 @@ class CredentialBroker:
         if (
             isinstance(signing_keys_interval, bool)
             or not isinstance(signing_keys_interval, int | float)
-            or signing_keys_interval <= 0
+            or not 0 < signing_keys_interval <= 86_400
         ):
-            raise ValueError("signing_keys_interval: must be a positive number of seconds")
+            raise ValueError("signing_keys_interval: must be a number of seconds from 0 to 86400")
         self.signing_keys_interval = float(signing_keys_interval)
         #: The callable signing_keys was (re-read every signing_keys_interval), or None.
         self._key_source: KeySource | None = None
@@ -406,7 +406,9 @@ class CredentialBroker:
         ring. Cached credentials stay as they are (they do not depend on the key).
 
         Validated like the constructor's ``signing_keys`` (ValueError, nothing replaced).
-        Safe from any thread: the ring is swapped in one assignment.
+        Safe from any thread: the ring is swapped in one assignment; exchanges already
+        waiting to sign sign with the new ring. With a key source, its next read replaces a
+        ring set here whenever the two differ.
         """
         old = self._minter
         minter = TokenMinter(
@@ -456,10 +458,15 @@ class CredentialBroker:
                 current[0].kid,
             )
             return False
-        if [k.public_jwk() for k in ring] == [k.public_jwk() for k in current]:
-            return False
         try:
-            self.set_signing_keys(ring)
+            # Validated first: a ring of anything but SigningKeys is refused, not compared.
+            TokenMinter(
+                issuer=self._minter.issuer,
+                audience=self._minter.audience,
+                keys=ring,
+                token_ttl=self._minter.token_ttl,
+                clock=self._minter.clock,
+            )
         except ValueError as error:  # stscreds' own validation: says what is wrong, no secret
             logger.warning(
                 "signing key source returned a ring that was refused (%s); keeping the "
@@ -468,7 +475,15 @@ class CredentialBroker:
                 current[0].kid,
             )
             return False
+        if [k.public_jwk() for k in ring] == [k.public_jwk() for k in current]:
+            return False
+        self.set_signing_keys(ring)
         return True
+
+    def _mint(self, subject: str, claims: Mapping[str, Any] | None) -> str:
+        # The ring of the moment the token is signed (on a pool thread, maybe much later than
+        # the exchange started), never the one of the moment the exchange was set up.
+        return self._minter.mint(subject, claims)
 
     def _start_key_poller(self) -> KeySourcePoller | None:
         if self._key_source is None or self._closed:
@@ -782,7 +797,7 @@ class CredentialBroker:
             try:
                 credentials = await self._exchanger.exchange(
                     request,
-                    partial(self._minter.mint, subject, role.claims),
+                    partial(self._mint, subject, role.claims),
                     background=background,
                     outcome=outcome,
                 )

@@ -10,6 +10,7 @@ import queue
 import random
 import re
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -35,6 +36,8 @@ from ._errors import (
     CredentialsUnavailable,
     STSUnavailable,
     _BadResponse,
+    _Closed,
+    _SigningUnavailable,
     _Timeout,
     _Unreachable,
 )
@@ -168,6 +171,10 @@ _SECRET_MARKERS = (
     "eyJ",
     "X-Amz-Security-Token",
     "x-amz-security-token",
+    # KMS Sign (a KMSSigningKey): its request's Message and its answer's Signature together
+    # are a usable token.
+    "TrentService.Sign",
+    '"Signature"',
 )
 _REDACTED_NAMES = "SecretAccessKey|SessionToken|WebIdentityToken"
 _SECRET_PATTERNS = (
@@ -186,14 +193,21 @@ _SECRET_PATTERNS = (
         re.compile(r"""(x-amz-security-token['"]?\s*[:=]\s*b?['"]?)[^'"\s&,}]+""", re.IGNORECASE),
         r"\1<redacted>",
     ),
+    # A KMS Sign answer's signature (base64 JSON in the response body).
+    (re.compile(r"""("Signature"\s*:\s*")[^"]*"""), r"\1<redacted>"),
     (_JWT_LIKE, "<redacted>"),
 )
+# A KMS Sign request's message: the token's signed part, base64 (only in Sign requests: other
+# APIs' "Message" fields, error messages among them, are kept).
+_KMS_SIGN_MESSAGE = re.compile(r"""("Message"\s*:\s*")[^"]*""")
 
 
 def redact_secrets(text: str) -> str:
     """``text`` with STS secrets (access key secrets, session tokens, JWTs) cut out."""
     for pattern, replacement in _SECRET_PATTERNS:
         text = pattern.sub(replacement, text)
+    if "TrentService.Sign" in text:
+        text = _KMS_SIGN_MESSAGE.sub(r"\1<redacted>", text)
     return text
 
 
@@ -369,21 +383,41 @@ class StsExchanger:
         params: dict[str, Any] | None = None
         gate = self._gate
         sts_clock = self.sts_clock
-        # STS's clock offset the token was dated with, and whether it was signed again (a
-        # call more than ``attempt`` counts).
+        budget = self.budget
+        # The same deadline for the pool's threads: a job that waited for a thread, or a
+        # signature (KMS) that took the rest of it, never calls STS for a caller gone.
+        deadline_mono = time.monotonic() + self.deadline
+        # STS's clock offset the token was dated with; whether it was signed again.
         minted_offset = 0.0
         reminted = False
+        # True while a token is being signed (a deadline hit then is the signer's).
+        signing = False
+        # Calls that reached STS (outcome.attempts): failed signatures send none.
+        sent = 0
 
         def attempt_call() -> dict[str, Any]:
-            nonlocal params, minted_offset
+            nonlocal params, minted_offset, signing, sent
+            if budget is not None:
+                # Taken here, on the thread, before signing and as the call goes out: a burst
+                # queued on the pool passes one by one, after the answers that closed it, and
+                # a call the budget holds back costs no signature (KMS: a request, and money).
+                wait = budget.acquire(background=background)
+                if wait > 0:
+                    raise _Refused(wait)
             gate.enter()
             # A remote signer (KMS) steps off the gate while its request is on the wire.
             _held.gate = gate
             try:
                 if params is None:
                     minted_offset = sts_clock.offset
-                    params = request.params(mint())
-                return self._call(params, background)
+                    signing = True
+                    token = mint()
+                    signing = False
+                    params = request.params(token)
+                if self.closed or time.monotonic() >= deadline_mono:
+                    raise _Abandoned
+                sent += 1
+                return self._call(params)
             finally:
                 _held.gate = None
                 gate.leave()
@@ -411,12 +445,22 @@ class StsExchanger:
                     role_arn=request.role_arn,
                     retry_after=refused.wait,
                 ) from None
-            except asyncio.TimeoutError:
-                outcome.attempts = attempt + reminted
+            except (asyncio.TimeoutError, _Abandoned):
+                outcome.attempts = sent
+                if self.closed:
+                    raise _Closed(
+                        "credential broker is closed", role_arn=request.role_arn
+                    ) from None
+                if signing:
+                    raise _SigningUnavailable(
+                        f"signing the token did not finish within {self.deadline:g}s",
+                        role_arn=request.role_arn,
+                    ) from None
                 raise _Timeout(
                     f"STS did not answer within {self.deadline:g}s", role_arn=request.role_arn
                 ) from None
             except Exception as exc:
+                outcome.attempts = sent
                 if params is None:
                     if not isinstance(exc, CredentialsUnavailable):
                         raise  # minting failed (a bug, not STS): as it came, never retried
@@ -424,7 +468,6 @@ class StsExchanger:
                     # retried the same way when transient; the next attempt signs again.
                     error = exc._copy(role_arn=request.role_arn)
                 else:
-                    outcome.attempts = attempt + reminted
                     error = classify_error(exc, request.role_arn)
                     if (
                         not reminted
@@ -454,7 +497,7 @@ class StsExchanger:
                 last = error
                 await asyncio.sleep(delay)
                 continue
-            outcome.attempts = attempt + reminted
+            outcome.attempts = sent
             return _credentials_from(response)
 
     def _new_client(self) -> BaseClient:
@@ -504,13 +547,7 @@ class StsExchanger:
                     client = self._client = self._new_client()
         return client
 
-    def _call(self, params: dict[str, Any], background: bool = False) -> dict[str, Any]:
-        if self.budget is not None:
-            # Taken here, on the thread, as the call goes out: a burst queued on the pool
-            # passes the gate one by one, after the answers that closed it.
-            wait = self.budget.acquire(background=background)
-            if wait > 0:
-                raise _Refused(wait)
+    def _call(self, params: dict[str, Any]) -> dict[str, Any]:
         client = self._get_client()
         local = self.sts_clock.local
         self._count("AssumeRoleWithWebIdentity")
@@ -735,6 +772,11 @@ class BudgetRefused(STSUnavailable):
     """The STS budget held the call back (STS throttled lately); it never reached STS."""
 
     reason = "BudgetRefused"
+
+
+class _Abandoned(Exception):
+    """An attempt found its exchange past the deadline (or the exchanger closed) once its
+    token was signed: STS is not called for a caller that is gone."""
 
 
 class _Refused(Exception):

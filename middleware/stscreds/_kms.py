@@ -13,12 +13,13 @@ import botocore.session
 from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from ._errors import CredentialsUnavailable, _SigningRejected, _SigningUnavailable
-from ._exchange import off_gate_on_the_wire
+from ._exchange import install_log_filter, off_gate_on_the_wire
 from ._signing import SigningKey
 
 __all__ = ["KMSSigningKey", "classify_kms_error"]
@@ -116,10 +117,16 @@ class KMSSigningKey(SigningKey):
         for name, value in (("connect_timeout", connect_timeout), ("read_timeout", read_timeout)):
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"{name}: must be a positive number of seconds")
+        # botocore at DEBUG logs each Sign's message and signature (together: a usable token)
+        # and each signed request's session token: the filter cuts them out.
+        install_log_filter()
         if session is None:
             session = botocore.session.get_session()
         elif not isinstance(session, botocore.session.Session):
-            raise TypeError("session: must be None or a botocore.session.Session")
+            # A boto3.Session wraps the botocore one.
+            session = getattr(session, "_session", None)
+            if not isinstance(session, botocore.session.Session):
+                raise TypeError("session: must be None, a botocore or a boto3 Session")
         region = region or session.get_config_variable("region")
         if not region:
             raise ValueError("region: no AWS region given or configured (AWS_REGION)")
@@ -153,7 +160,13 @@ class KMSSigningKey(SigningKey):
                 f"key_id: {key_id} is not an asymmetric SIGN_VERIFY key "
                 f"(KeyUsage {answer.get('KeyUsage')!r}, KeySpec {answer.get('KeySpec')!r})"
             )
-        public = serialization.load_der_public_key(answer["PublicKey"])
+        try:
+            public = serialization.load_der_public_key(answer["PublicKey"])
+        except (ValueError, UnsupportedAlgorithm):  # SM2, ML-DSA...: not for JWS
+            raise ValueError(
+                f"key_id: {key_id} has a key type JWS cannot use ({answer.get('KeySpec')!r}): "
+                "use RSA_2048/3072/4096 or ECC_NIST_P256/P384/P521"
+            ) from None
         if not isinstance(public, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
             raise ValueError(f"key_id: {key_id} is neither an RSA nor an EC key")
         self._publish(public, alg, kid, "key_id")

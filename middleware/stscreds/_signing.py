@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import secrets
 import threading
 import weakref
@@ -20,6 +21,8 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from ._clock import Clock
 
 __all__ = ["KeySource", "KeySourcePoller", "SigningKey", "TokenMinter"]
+
+logger = logging.getLogger("stscreds")
 
 Algorithm = Literal["RS256", "RS384", "RS512", "ES256", "ES384", "ES512"]
 _RSA_ALGS = ("RS256", "RS384", "RS512")
@@ -298,5 +301,8 @@ def _poll(owner: weakref.ref[Any], reload: str, interval: float, stop: threading
         target = owner()
         if target is None:
             return
-        getattr(target, reload)()
+        try:
+            getattr(target, reload)()
+        except Exception as error:  # a bug: the thread must go on polling all the same
+            logger.error("reading the signing key source failed: %s", type(error).__name__)
         del target  # between polls the owner stays collectable
