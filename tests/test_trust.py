@@ -99,20 +99,87 @@ TABLE = [
     pytest.param(
         policy(statement(pinned("tenant::*"))), {}, {(ERROR, SUB)}, id="sub-empty-segment"
     ),
+    # Without a subject template nothing says where the tenant id sits: every wildcard is an
+    # error, even as the whole last segment.
     pytest.param(
-        policy(statement(pinned("tenant:acme:*"))), {}, set(), id="good-StringLike-last-segment"
+        policy(statement(pinned("tenant:acme:*"))),
+        {},
+        {(ERROR, SUB)},
+        id="sub-last-segment-wildcard-without-template",
     ),
     pytest.param(
-        policy(statement(pinned("tenant/acme/*"))), {}, set(), id="good-StringLike-slash-segment"
+        policy(statement(pinned("tenant/acme/*"))),
+        {},
+        {(ERROR, SUB)},
+        id="sub-slash-segment-wildcard-without-template",
+    ),
+    pytest.param(
+        policy(statement(pinned("system:serviceaccount:*"))),
+        {},
+        {(ERROR, SUB)},
+        id="eks-service-account-wildcard-without-template",
+    ),
+    pytest.param(
+        policy(statement(pinned("app:tenant:*"))),
+        {},
+        {(ERROR, SUB)},
+        id="app-tenant-wildcard-without-template",
+    ),
+    pytest.param(
+        policy(statement(pinned("tenant:acme", "StringEquals"))),
+        {},
+        set(),
+        id="good-StringEquals-exact",
+    ),
+    pytest.param(
+        policy(statement(pinned("tenant:*", "StringEquals"))),
+        {},
+        set(),
+        id="star-under-StringEquals-is-literal",
     ),
     pytest.param(
         policy(statement(pinned("tenant:acme"))), {}, set(), id="good-StringLike-no-wildcard"
     ),
+    # Several exact subjects: without a template they may be one tenant's, a warning.
     pytest.param(
         policy(statement(pinned(["tenant:acme", "tenant:globex"], "StringEquals"))),
         {},
+        {(WARNING, SUB)},
+        id="list-of-exact-subs-without-template",
+    ),
+    pytest.param(
+        policy(statement(pinned(["tenant:acme", "tenant:acme:admin"], "StringEquals"))),
+        {},
+        {(WARNING, SUB)},
+        id="list-of-one-tenants-subs-without-template",
+    ),
+    pytest.param(
+        policy(statement(pinned(["tenant:acme", "tenant:acme"], "StringEquals"))),
+        {},
         set(),
-        id="good-list-of-exact-subs",
+        id="good-list-repeating-one-sub",
+    ),
+    pytest.param(
+        policy(
+            statement(pinned("tenant:acme", "StringEquals")),
+            statement(pinned("tenant:globex", "StringEquals")),
+        ),
+        {},
+        {(WARNING, SUB)},
+        id="two-statements-different-subs-without-template",
+    ),
+    pytest.param(
+        policy(
+            statement(
+                {
+                    "StringEquals": {AUD: STS_AUD, SUB: ["tenant:acme", "tenant:globex"]},
+                    "StringLike": {SUB: "tenant:a*"},
+                }
+            )
+        ),
+        {},
+        set(),
+        id="good-exact-list-narrowed-by-wildcard",
     ),
     pytest.param(
         policy(statement(pinned(["tenant:acme", "tenant:*"]))),
@@ -198,6 +265,24 @@ TABLE = [
         id="template-good-suffix-wildcard",
     ),
     pytest.param(
+        policy(statement(pinned("app:tenant:*"))),
+        {"subject_template": "app:tenant:{tenant}"},
+        {(ERROR, SUB)},
+        id="template-app-tenant-wildcard-crosses",
+    ),
+    pytest.param(
+        policy(statement(pinned("system:serviceaccount:*"))),
+        {"subject_template": "system:serviceaccount:{tenant}:app"},
+        {(ERROR, SUB)},
+        id="template-eks-namespace-wildcard-crosses",
+    ),
+    pytest.param(
+        policy(statement(pinned("system:serviceaccount:acme:*"))),
+        {"subject_template": "system:serviceaccount:{tenant}:app"},
+        set(),
+        id="template-good-eks-service-account-wildcard",
+    ),
+    pytest.param(
         policy(statement(pinned("t?nant:acme"))),
         {"subject_template": "tenant:{tenant}"},
         set(),
@@ -220,6 +305,124 @@ TABLE = [
         {"subject_template": "tenant:{tenant}"},
         set(),
         id="template-good-exact",
+    ),
+    # With a template: the tenants whose subjects the whole policy admits, over all values of
+    # a condition and all statements.
+    pytest.param(
+        policy(statement(pinned(["tenant:acme", "tenant:globex"], "StringEquals"))),
+        {"subject_template": "tenant:{tenant}"},
+        {(ERROR, SUB)},
+        id="template-list-of-two-tenants",
+    ),
+    pytest.param(
+        policy(statement(pinned(["tenant:acme", "tenant:globex"]))),
+        {"subject_template": "tenant:{tenant}"},
+        {(ERROR, SUB)},
+        id="template-StringLike-list-of-two-tenants",
+    ),
+    pytest.param(
+        policy(statement(pinned(["tenant:acme", "tenant:acme:admin"], "StringEquals"))),
+        {"subject_template": "tenant:{tenant}:admin"},
+        {(WARNING, SUB)},
+        id="template-list-one-tenant-one-mismatch",
+    ),
+    pytest.param(
+        policy(
+            statement(pinned("tenant:acme", "StringEquals")),
+            statement(pinned("tenant:globex", "StringEquals")),
+        ),
+        {"subject_template": "tenant:{tenant}"},
+        {(ERROR, SUB)},
+        id="template-two-statements-two-tenants",
+    ),
+    pytest.param(
+        policy(
+            statement(pinned("tenant:acme", "StringEquals")),
+            statement(pinned("t?nant:globex")),
+        ),
+        {"subject_template": "tenant:{tenant}"},
+        {(ERROR, SUB)},
+        id="template-two-statements-exact-and-wildcard",
+    ),
+    pytest.param(
+        policy(GOOD["Statement"][0], statement(pinned("tenant:acme", "StringEquals"))),
+        {"subject_template": "tenant:{tenant}"},
+        set(),
+        id="template-good-two-statements-one-tenant",
+    ),
+    pytest.param(
+        policy(
+            GOOD["Statement"][0],
+            statement(pinned("tenant:globex", "StringEquals"), effect="Deny"),
+        ),
+        {"subject_template": "tenant:{tenant}"},
+        set(),
+        id="template-deny-statement-not-collected",
+    ),
+    pytest.param(
+        policy(
+            GOOD["Statement"][0],
+            statement(
+                pinned("tenant:globex", "StringEquals"), principal={"Federated": OTHER_PROVIDER}
+            ),
+        ),
+        {"subject_template": "tenant:{tenant}"},
+        {(ERROR, None)},
+        id="template-other-provider-statement-not-collected",
+    ),
+    pytest.param(
+        policy(
+            GOOD["Statement"][0],
+            statement(pinned("tenant:globex", "StringEquals"), principal="*"),
+        ),
+        {"subject_template": "tenant:{tenant}"},
+        {(ERROR, None), (ERROR, SUB)},
+        id="template-principal-star-statement-collected",
+    ),
+    pytest.param(
+        policy(
+            statement(
+                {
+                    "StringEquals": {AUD: STS_AUD, SUB: ["tenant:acme", "tenant:globex"]},
+                    "StringLike": {SUB: "tenant:a*"},
+                }
+            )
+        ),
+        {"subject_template": "tenant:{tenant}"},
+        set(),
+        id="template-good-exact-list-narrowed-by-wildcard",
+    ),
+    # With a template, case folding admits tenants RoleTemplate keeps apart.
+    pytest.param(
+        policy(statement(pinned("tenant:acme", "StringEqualsIgnoreCase"))),
+        {"subject_template": "tenant:{tenant}"},
+        {(ERROR, SUB)},
+        id="template-ignore-case-two-tenants",
+    ),
+    pytest.param(
+        policy(statement(pinned("TENANT:Acme", "StringEqualsIgnoreCase"))),
+        {"subject_template": "tenant:{tenant}"},
+        {(ERROR, SUB)},
+        id="template-ignore-case-other-spelling",
+    ),
+    pytest.param(
+        policy(statement(pinned("TENANT:1234", "StringEqualsIgnoreCase"))),
+        {"subject_template": "tenant:{tenant}"},
+        set(),
+        id="template-good-ignore-case-tenant-without-letters",
+    ),
+    pytest.param(
+        policy(
+            statement(
+                {
+                    "StringEquals": {AUD: STS_AUD, SUB: "tenant:acme"},
+                    "StringEqualsIgnoreCase": {SUB: "tenant:acme"},
+                }
+            )
+        ),
+        {"subject_template": "tenant:{tenant}"},
+        set(),
+        id="template-good-ignore-case-narrowed-by-exact",
     ),
     pytest.param(
         policy(
@@ -603,6 +806,116 @@ def test_template_verdict_agrees_with_brute_force(pattern: str, template: str) -
         assert len(matching) <= 1
 
 
+OPERATORS = ["StringLike", "StringEquals", "StringEqualsIgnoreCase"]
+# A statement's sub conditions: operator -> values (any may match); all operators must hold.
+SUB_CONDITIONS = st.dictionaries(
+    st.sampled_from(OPERATORS),
+    st.lists(st.text(alphabet="abA:*?", min_size=1, max_size=5), min_size=1, max_size=2),
+    min_size=1,
+    max_size=2,
+)
+
+
+def admits(statements: list[dict[str, list[str]]], subject: str) -> bool:
+    """What IAM does with the sub conditions of these statements, by regex."""
+
+    def one(operator: str, value: str) -> bool:
+        if operator == "StringLike":
+            return glob_regex(value).fullmatch(subject) is not None
+        if operator == "StringEquals":
+            return value == subject
+        return value.lower() == subject.lower()
+
+    return any(
+        all(any(one(operator, v) for v in values) for operator, values in conditions.items())
+        for conditions in statements
+    )
+
+
+def sub_policy(statements: list[dict[str, list[str]]]) -> dict[str, Any]:
+    built = []
+    for conditions in statements:
+        condition: dict[str, Any] = {op: {SUB: values} for op, values in conditions.items()}
+        condition.setdefault("StringEquals", {})[AUD] = STS_AUD
+        built.append(statement(condition))
+    return policy(*built)
+
+
+def tenant_value(template: str, subject: str) -> str | None:
+    """The placeholder value of ``template`` that makes ``subject``, if one does."""
+    first, *rest = template.split("{t}")
+    shape = re.escape(first)
+    for index, part in enumerate(rest):
+        shape += (r"([A-Za-z0-9_+=,.@-]{1,64})" if index == 0 else r"\1") + re.escape(part)
+    match = re.fullmatch(shape, subject)
+    return None if match is None else match.group(1)
+
+
+WITNESSES = [
+    re.compile(r"\(both '([^']*)' and '([^']*)' fit"),
+    re.compile(r"differ only in case, '([^']*)' and '([^']*)'"),
+    re.compile(r"more than one tenant: '([^']*)' and '([^']*)'"),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    statements=st.lists(SUB_CONDITIONS, min_size=1, max_size=2),
+    template=st.sampled_from(["{t}", "a:{t}", "{t}:b", "{t}a{t}"]),
+)
+def test_policy_verdict_with_template_agrees_with_brute_force(
+    statements: list[dict[str, list[str]]], template: str
+) -> None:
+    # Over all values and statements: two tenants admitted is an error, and the two tenants
+    # an error names are admitted and different.
+    values = [
+        "".join(chars) for size in range(1, 5) for chars in itertools.product("abAx", repeat=size)
+    ]
+    matching = [v for v in values if admits(statements, template.replace("{t}", v))]
+    findings = check_trust_policy(sub_policy(statements), issuer=ISSUER, subject_template=template)
+    errors = [f for f in findings if f.key == SUB and f.severity == ERROR]
+    if len(matching) >= 2:
+        assert errors, (matching, findings)
+    if not errors:
+        assert len(matching) <= 1, findings
+    for finding in errors:
+        for witness in WITNESSES:
+            if found := witness.search(finding.message):
+                subjects = found.groups()
+                tenants = {tenant_value(template, subject) for subject in subjects}
+                assert None not in tenants and len(tenants) == 2, finding.message
+                assert all(admits(statements, subject) for subject in subjects), finding.message
+                break
+        else:
+            assert "too complex" in finding.message, finding.message
+
+
+@settings(max_examples=300, deadline=None)
+@given(statements=st.lists(SUB_CONDITIONS, min_size=1, max_size=2))
+def test_policy_verdict_without_template_agrees_with_brute_force(
+    statements: list[dict[str, list[str]]],
+) -> None:
+    # Without a template: no error only when every admitted subject is (but for case) one of
+    # the policy's exact values, and more than one admitted subject is at least a warning.
+    subjects = [
+        "".join(chars) for size in range(1, 5) for chars in itertools.product("abA:x", repeat=size)
+    ]
+    matching = [s for s in subjects if admits(statements, s)]
+    findings = check_trust_policy(sub_policy(statements), issuer=ISSUER)
+    verdicts = {f.severity for f in findings if f.key == SUB}
+    if ERROR not in verdicts:
+        exact = {
+            v.lower()
+            for conditions in statements
+            for operator, values in conditions.items()
+            for v in values
+            if operator != "StringLike" or not set(v) & set("*?")
+        }
+        assert all(s.lower() in exact for s in matching), (matching, findings)
+    if len(matching) >= 2:
+        assert verdicts, (matching, findings)
+
+
 def test_a_pattern_too_complex_to_search_is_an_error_not_a_pass() -> None:
     pattern = "*a*b*c*d*e*f*g*h*i*j*k*l*m*n*o*"
     findings = check_trust_policy(
@@ -610,6 +923,56 @@ def test_a_pattern_too_complex_to_search_is_an_error_not_a_pass() -> None:
     )
     assert [(f.severity, f.key) for f in findings] == [(ERROR, SUB)]
     assert "too complex" in findings[0].message
+
+
+def test_wildcard_without_template_says_to_pass_the_template() -> None:
+    [finding] = check_trust_policy(
+        policy(statement(pinned("system:serviceaccount:*"))), issuer=ISSUER
+    )
+    assert (finding.severity, finding.key) == (ERROR, SUB)
+    assert finding.message.startswith(f"{SUB}: StringLike 'system:serviceaccount:*' ")
+    assert "cannot be checked without the subject template" in finding.message
+    assert "--subject-template (subject_template=)" in finding.message
+    assert "exact subjects" in finding.message
+
+
+def test_two_tenants_finding_names_both_and_their_statements() -> None:
+    document = policy(
+        statement(pinned("tenant:acme", "StringEquals"), Sid="Acme"),
+        statement(pinned("tenant:globex", "StringEquals"), Sid="Globex"),
+    )
+    [finding] = check_trust_policy(document, issuer=ISSUER, subject_template="tenant:{tenant}")
+    assert (finding.severity, finding.statement, finding.sid, finding.key) == (
+        ERROR,
+        1,
+        "Globex",
+        SUB,
+    )
+    assert (
+        "admits the subjects of more than one tenant: 'tenant:acme' and 'tenant:globex'; "
+        "a role should trust one tenant's subject"
+    ) in finding.message
+    assert "statement 0" in finding.message
+    assert str(finding).startswith(f"error: statement 1 (Sid Globex): {SUB}: ")
+
+
+def test_several_exact_subjects_without_template_is_a_warning_naming_them() -> None:
+    document = policy(statement(pinned(["tenant:acme", "tenant:globex"], "StringEquals")))
+    [finding] = check_trust_policy(document, issuer=ISSUER)
+    assert (finding.severity, finding.key) == (WARNING, SUB)
+    assert "'tenant:acme' and 'tenant:globex'" in finding.message
+    assert "different tenants" in finding.message
+    assert "--subject-template" in finding.message
+
+
+def test_ignore_case_with_template_names_both_spellings() -> None:
+    [finding] = check_trust_policy(
+        policy(statement(pinned("tenant:acme", "StringEqualsIgnoreCase"))),
+        issuer=ISSUER,
+        subject_template="tenant:{tenant}",
+    )
+    assert (finding.severity, finding.key) == (ERROR, SUB)
+    assert "'tenant:acme' and 'tenant:ACME'" in finding.message
 
 
 def test_policy_variables_are_text_before_version_2012() -> None:

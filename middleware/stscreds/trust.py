@@ -2,10 +2,12 @@
 
 The classic web identity federation mistake is a role trust policy that conditions on
 ``aud`` but not on ``sub``: every token the issuer signs then assumes the role, so one
-tenant's request gets another tenant's credentials. :func:`check_trust_policy` finds that
-(and a ``sub`` wildcard that reaches across tenants, a wrong ``aud``, a principal that trusts
-every identity provider); :func:`recommended_trust_policy` writes a policy that passes.
-``python -m stscreds trust-policy`` and ``check-trust-policy`` do the same from a shell.
+tenant's request gets another tenant's credentials. :func:`check_trust_policy` finds that,
+and a policy whose ``sub`` values (over all its values and statements) admit more than one
+tenant's subject, a ``sub`` wildcard it cannot judge without the subject template, a wrong
+``aud``, a principal that trusts every identity provider; :func:`recommended_trust_policy`
+writes a policy that passes. ``python -m stscreds trust-policy`` and ``check-trust-policy``
+do the same from a shell.
 
 The checker reads the policy as IAM would for ``sts:AssumeRoleWithWebIdentity`` with one of
 the issuer's tokens. It does not call AWS and does not replace IAM Access Analyzer: it knows
@@ -186,44 +188,31 @@ def _has_wildcard(tokens: Sequence[_Token]) -> bool:
     return any(kind != _LITERAL for kind, _ in tokens)
 
 
-def _pins_one_tenant(tokens: Sequence[_Token]) -> bool:
-    """The rule without a subject template: wildcards only as the whole last segment.
-
-    Segments are separated by ``:`` or ``/``. ``tenant:acme:*`` passes: two fixed segments,
-    then a wildcard alone, and no tenant id can contain ``:`` or ``/`` (RoleTemplate refuses
-    them), so no other tenant's subject starts with ``tenant:acme:``. ``tenant:*``,
-    ``tenant:acme*``, ``t?nant:acme`` and ``*`` fail.
-    """
-    if not _has_wildcard(tokens):
-        return True
-    segments: list[list[_Token]] = [[]]
-    for token in tokens:
-        if token[0] == _LITERAL and token[1] in ":/":
-            segments.append([])
-        else:
-            segments[-1].append(token)
-    *fixed, last = segments
-    return (
-        len(last) == 1
-        and last[0][0] != _LITERAL
-        and len(fixed) >= 2
-        and all(segment and not _has_wildcard(segment) for segment in fixed)
-    )
-
-
 _States = frozenset[int]
 _Relation = tuple[_States, ...]
 
 
 class _Glob:
-    """A StringLike pattern as an automaton over positions in its tokens."""
+    """A StringLike pattern as an automaton over positions in its tokens.
 
-    __slots__ = ("size", "start", "tokens")
+    With ``fold`` (StringEqualsIgnoreCase) a literal also matches its other case.
+    """
 
-    def __init__(self, tokens: tuple[_Token, ...]) -> None:
+    __slots__ = ("fold", "folded", "size", "start", "tokens")
+
+    def __init__(self, tokens: tuple[_Token, ...], *, fold: bool = False) -> None:
         self.tokens = tokens
+        self.fold = fold
+        self.folded = tuple(char.lower() for _, char in tokens) if fold else ()
         self.size = len(tokens)
         self.start = self.closure({0})
+
+    def text(self) -> str:
+        """The literal text (of a pattern without wildcards)."""
+        return "".join(char for _, char in self.tokens)
+
+    def matches(self, text: str) -> bool:
+        return self.size in self.run(self.start, text)
 
     def closure(self, states: set[int] | _States) -> _States:
         reached = set(states)
@@ -235,13 +224,14 @@ class _Glob:
 
     def step(self, states: _States, char: str) -> _States:
         moved: set[int] = set()
+        lower = char.lower() if self.fold else char
         for q in states:
             if q == self.size:
                 continue
             kind, literal = self.tokens[q]
             if kind == _ANY:
                 moved.add(q)
-            elif kind == _ONE or literal == char:
+            elif kind == _ONE or literal == char or (self.fold and self.folded[q] == lower):
                 moved.add(q + 1)
         return self.closure(moved)
 
@@ -308,6 +298,16 @@ class _Template:
         """
         globs = [target, *(glob for group in others for glob in group)]
         named = {char for glob in globs for kind, char in glob.tokens if kind == _LITERAL}
+        # A case-folding pattern names both cases of its letters.
+        named |= {
+            variant
+            for glob in globs
+            if glob.fold
+            for kind, char in glob.tokens
+            if kind == _LITERAL
+            for variant in (char.lower(), char.upper())
+            if len(variant) == 1
+        }
         # Spares first: witnesses read 'tenant:x' rather than 'tenant:a'.
         alphabet = [char for char in _SPARE_CHARS if char not in named][:2]
         alphabet += sorted(named & set(_VALUE_CHARS))
@@ -518,6 +518,27 @@ class _Report:
         self.findings.append(Finding(severity, self.index, self.sid, key, text))
 
 
+@dataclass(frozen=True)
+class _Value:
+    """One value of a ``sub`` condition, as the pattern it is."""
+
+    text: str  # as the policy writes it
+    glob: _Glob
+    variable: bool  # holds a policy variable: taken to match anything
+
+
+@dataclass(frozen=True)
+class _Admitted:
+    """A subject a statement admits, and the condition value that admits it."""
+
+    subject: str  # what tells subjects apart: the tenant value with a template, else the subject
+    shown: str  # the subject, as a finding shows it
+    statement: int
+    sid: str | None
+    operator: str
+    value: str
+
+
 def check_trust_policy(
     policy: str | bytes | Mapping[str, Any],
     *,
@@ -528,12 +549,21 @@ def check_trust_policy(
     """The problems in a role trust policy for stscreds' tokens from ``issuer``.
 
     ``policy`` is the trust policy as a dict or JSON text. An empty list means: a statement
-    lets the issuer's tokens assume the role, each such statement pins ``sub`` so that no
-    other tenant's subject matches, and ``aud`` is exactly ``audience``. With
-    ``subject_template`` (RoleTemplate's ``subject``, e.g. ``"tenant:{tenant}"``) a ``sub``
-    pattern is an error when two tenants' subjects match it; without one, a wildcard is
-    accepted only as the whole last ``:``/``/`` segment after two fixed ones
-    (``tenant:acme:*``). Raises ``ValueError`` for a policy that is not one.
+    lets the issuer's tokens assume the role, each such statement restricts ``sub``, all of
+    them together admit one tenant's subjects, and ``aud`` is exactly ``audience``.
+
+    With ``subject_template`` (RoleTemplate's ``subject``, e.g. ``"tenant:{tenant}"``) the
+    check collects the tenant values whose subjects the policy admits, over every value of
+    every ``sub`` condition and every statement that trusts the issuer: two or more are an
+    error (a ``StringLike`` pattern that two tenants' subjects match, two exact subjects of
+    different tenants, a ``StringEqualsIgnoreCase`` subject whose tenant id has letters:
+    ``acme`` and ``ACME`` are different tenants to RoleTemplate).
+
+    Without ``subject_template`` the checker cannot know where the tenant id sits in a
+    subject: a ``*`` or ``?`` wildcard in a ``StringLike`` ``sub`` value is an error (unless
+    a condition of exact subjects in the same statement bounds what it admits), and two or
+    more different exact subjects are a warning (they may be one tenant's, or not).
+    Raises ``ValueError`` for a policy that is not one.
     """
     host = _provider_id(issuer)
     issuer = validate_issuer(issuer)
@@ -546,6 +576,7 @@ def check_trust_policy(
     sub_key, aud_key = f"{host}:sub", f"{host}:aud"
 
     findings: list[Finding] = []
+    admitted: list[_Admitted] = []
     trusted = 0
     for index, statement in enumerate(statements):
         if statement.get("Effect") != "Allow" or not _covers_action(statement):
@@ -572,7 +603,11 @@ def check_trust_policy(
                 f"(arn:aws:iam::<account>:oidc-provider/{host}): this statement never admits "
                 "the issuer's tokens",
             )
-        _check_subject(report, conditions[sub_key.lower()], sub_key, issuer, template, variables)
+        subjects = _check_subject(
+            report, conditions[sub_key.lower()], sub_key, issuer, template, variables
+        )
+        if principal != "other":  # a statement that never admits the issuer's tokens
+            admitted.extend(subjects)
         _check_audience(report, conditions[aud_key.lower()], aud_key, audience, variables)
         findings.extend(report.findings)
     if not trusted:
@@ -587,6 +622,7 @@ def check_trust_policy(
                 f'"Federated": "arn:aws:iam::<account>:oidc-provider/{host}"',
             ),
         )
+    findings.extend(_check_one_tenant(admitted, sub_key, template))
     return findings
 
 
@@ -597,7 +633,10 @@ def _check_subject(
     issuer: str,
     template: _Template | None,
     variables: bool,
-) -> None:
+) -> list[_Admitted]:
+    """Report what is wrong with one statement's ``sub`` conditions on their own; return the
+    subjects it admits, for :func:`_check_one_tenant` (none where an error already says
+    that the statement admits too much)."""
     restricting = [c for c in conditions if c.kind is not None]
     if not restricting:
         if conditions:
@@ -611,23 +650,22 @@ def _check_subject(
             f"{how}: any token from {issuer}, any tenant's, can assume this role; add "
             f'"StringEquals": {{"{key}": "<the exact subject>"}}',
         )
-        return
+        return []
 
     # Each condition as patterns (a list of values: any may match); a value with a policy
     # variable is reported and then taken to match anything.
-    groups: list[list[_Glob]] = []
-    shown: list[list[str]] = []
-    unknown: list[list[bool]] = []
+    groups: list[list[_Value]] = []
     for condition in restricting:
-        if condition.kind == "ignorecase":
+        fold = condition.kind == "ignorecase"
+        if fold and template is None:
             report.add(
                 "warning",
                 key,
                 f"{condition.operator} also admits subjects that differ only in case (a "
                 "tenant 'acme' and a tenant 'ACME'); use StringEquals if tenant ids are "
-                "case-sensitive",
+                "case-sensitive (pass --subject-template, subject_template=, to check)",
             )
-        globs, texts, flags = [], [], []
+        group = []
         for value in condition.values:
             try:
                 tokens = _tokens(value, like=condition.kind == "like", variables=variables)
@@ -639,90 +677,200 @@ def _check_subject(
                     f"{variable.name}, whose value comes from the request: it may admit any "
                     "tenant's subject; use the exact subject",
                 )
-                tokens = ((_ANY, ""),)
-                flags.append(True)
+                group.append(_Value(value, _Glob(((_ANY, ""),)), variable=True))
             else:
-                flags.append(False)
-            globs.append(_Glob(tokens))
-            texts.append(value)
-        groups.append(globs)
-        shown.append(texts)
-        unknown.append(flags)
+                group.append(_Value(value, _Glob(tokens, fold=fold), variable=False))
+        groups.append(group)
 
     if template is None:
-        _check_subject_rule(report, restricting, groups, unknown, key, issuer)
-        return
-    for position, condition in enumerate(restricting):
-        others = groups[:position] + groups[position + 1 :]
-        for glob, value, is_variable in zip(
-            groups[position], shown[position], unknown[position], strict=True
-        ):
-            if is_variable:
+        return _subjects_without_template(report, restricting, groups, key, issuer)
+    return _subjects_of_template(report, restricting, groups, key, template)
+
+
+def _subjects_without_template(
+    report: _Report,
+    restricting: list[_Condition],
+    groups: list[list[_Value]],
+    key: str,
+    issuer: str,
+) -> list[_Admitted]:
+    """Without a template nothing says where a subject holds the tenant id, so a wildcard
+    cannot be judged: each is an error, unless a condition of exact subjects only bounds the
+    statement (its conditions all have to hold). Returns the exact subjects admitted."""
+    for condition, group in zip(restricting, groups, strict=True):
+        if any(v.variable or _has_wildcard(v.glob.tokens) for v in group):
+            continue
+        # This condition bounds the statement: its subjects that every other condition
+        # (possibly) admits. A case-folding value is compared without case throughout.
+        admitted = []
+        for value in group:
+            subject = value.glob.text()
+            if all(
+                any(
+                    other is group
+                    or v.variable
+                    or (_Glob(v.glob.tokens, fold=True) if value.glob.fold else v.glob).matches(
+                        subject
+                    )
+                    for v in other
+                )
+                for other in groups
+            ):
+                compared = subject.lower() if value.glob.fold else subject
+                admitted.append(
+                    _Admitted(
+                        compared,
+                        value.text,
+                        report.index,
+                        report.sid,
+                        condition.operator,
+                        value.text,
+                    )
+                )
+        return admitted
+
+    for condition, group in zip(restricting, groups, strict=True):
+        for value in group:
+            if value.variable or not _has_wildcard(value.glob.tokens):
                 continue
-            alone = template.values(glob, [], limit=1)
+            if all(kind == _ANY for kind, _ in value.glob.tokens):
+                what = (
+                    f"admits every subject: any token from {issuer}, any tenant's, can assume "
+                    "this role; use the exact subject"
+                )
+            else:
+                what = (
+                    "has a wildcard, which cannot be checked without the subject template "
+                    "(where in the subject the tenant id sits): it may match other tenants' "
+                    "subjects; pass --subject-template (subject_template=) to check it "
+                    "exactly, or use exact subjects"
+                )
+            report.add("error", key, f"{condition.operator} {value.text!r} {what}")
+    return []
+
+
+def _subjects_of_template(
+    report: _Report,
+    restricting: list[_Condition],
+    groups: list[list[_Value]],
+    key: str,
+    template: _Template,
+) -> list[_Admitted]:
+    """Each value against the template: an error when the subjects of two tenant values
+    match it (and every other condition of the statement). Returns the tenant values each
+    admits otherwise."""
+    admitted: list[_Admitted] = []
+    for position, (condition, group) in enumerate(zip(restricting, groups, strict=True)):
+        others = [[v.glob for v in other] for other in groups[:position] + groups[position + 1 :]]
+        for value in group:
+            if value.variable:
+                continue
+            alone = template.values(value.glob, [], limit=1)
             if alone == []:
                 report.add(
                     "warning",
                     key,
-                    f"{condition.operator} {value!r} matches no subject of the template "
+                    f"{condition.operator} {value.text!r} matches no subject of the template "
                     f"{template.text!r}: no tenant can use this value",
                 )
                 continue
-            if not _has_wildcard(glob.tokens):
-                continue  # an exact subject is at most one tenant's
-            tenants = template.values(glob, others) if alone is not None else None
+            tenants = template.values(value.glob, others) if alone is not None else None
             if tenants is None:
                 report.add(
                     "error",
                     key,
-                    f"{condition.operator} {value!r} is too complex to check against "
+                    f"{condition.operator} {value.text!r} is too complex to check against "
                     f"{template.text!r}; use the exact subject",
+                )
+            elif len(tenants) >= 2 and value.glob.fold:
+                first, second = (template.subject(t) for t in _case_pair(value, others, template))
+                report.add(
+                    "error",
+                    key,
+                    f"{condition.operator} {value.text!r} admits subjects that differ only in "
+                    f"case, {first!r} and {second!r}: RoleTemplate makes them for two "
+                    f"different tenants of {template.text!r}, so one tenant's token can assume "
+                    "the other's role; use StringEquals",
                 )
             elif len(tenants) >= 2:
                 first, second = (template.subject(t) for t in tenants[:2])
                 report.add(
                     "error",
                     key,
-                    f"{condition.operator} {value!r} matches more than one tenant's subject "
+                    f"{condition.operator} {value.text!r} matches more than one tenant's subject "
                     f"(both {first!r} and {second!r} fit {template.text!r}): one tenant's "
                     "token can assume another tenant's role; use the exact subject",
                 )
-
-
-def _check_subject_rule(
-    report: _Report,
-    restricting: list[_Condition],
-    groups: list[list[_Glob]],
-    unknown: list[list[bool]],
-    key: str,
-    issuer: str,
-) -> None:
-    """Without a template: every value of one condition pins a tenant, or each offending
-    wildcard is an error (the conditions of a statement all have to hold)."""
-    if any(
-        not any(flags) and all(_pins_one_tenant(glob.tokens) for glob in globs)
-        for globs, flags in zip(groups, unknown, strict=True)
-    ):
-        return
-    for condition, globs, flags in zip(restricting, groups, unknown, strict=True):
-        for glob, value, is_variable in zip(globs, condition.values, flags, strict=True):
-            if is_variable or _pins_one_tenant(glob.tokens):
-                continue
-            if all(kind == _ANY for kind, _ in glob.tokens):
-                what = f"admits every subject: any token from {issuer}, any tenant's, can "
-                what += "assume this role"
             else:
-                what = (
-                    "may match other tenants' subjects: without a subject template, a "
-                    "wildcard passes only as the whole last ':' or '/' segment after two "
-                    "fixed ones, such as 'tenant:acme:*'"
+                admitted.extend(
+                    _Admitted(
+                        tenant,
+                        template.subject(tenant),
+                        report.index,
+                        report.sid,
+                        condition.operator,
+                        value.text,
+                    )
+                    for tenant in tenants
                 )
-            report.add(
-                "error",
-                key,
-                f"{condition.operator} {value!r} {what}; use the exact subject (or check "
-                "against the subject template)",
-            )
+    return admitted
+
+
+def _case_pair(value: _Value, others: Sequence[Sequence[_Glob]], template: _Template) -> list[str]:
+    """Two tenant values a case-folding value admits: its own spelling first when it is one,
+    then another case of it."""
+    exact = _Glob(value.glob.tokens)
+    spelled = template.values(exact, others, limit=1) or []
+    if spelled:
+        for other in (spelled[0].upper(), spelled[0].lower(), spelled[0].swapcase()):
+            subject = template.subject(other)
+            if (
+                other != spelled[0]
+                and value.glob.matches(subject)
+                and all(any(glob.matches(subject) for glob in group) for group in others)
+            ):
+                return [spelled[0], other]
+    found = template.values(value.glob, others) or []
+    return [*spelled, *(t for t in found if t not in spelled)][:2]
+
+
+def _check_one_tenant(
+    admitted: list[_Admitted], key: str, template: _Template | None
+) -> list[Finding]:
+    """The subjects the whole policy admits, over all values and statements, are one
+    tenant's: with a template, two tenant values are an error; without, two different exact
+    subjects are a warning."""
+    first: dict[str, _Admitted] = {}
+    for subject in admitted:
+        first.setdefault(subject.subject, subject)
+    if len(first) < 2:
+        return []
+    one, two = list(first.values())[:2]
+
+    def where(subject: _Admitted) -> str:
+        text = f"{subject.operator} {subject.value!r}"
+        if one.statement != two.statement:
+            text += f" in statement {subject.statement}"
+        return text
+
+    if template is not None:
+        severity: Severity = "error"
+        message = (
+            f"{key}: the policy admits the subjects of more than one tenant: {one.shown!r} "
+            f"and {two.shown!r}; a role should trust one tenant's subject, but each of these "
+            f"tenants' tokens can assume this one ({where(one)}; {where(two)}): keep only "
+            "the subject of the role's own tenant"
+        )
+    else:
+        severity = "warning"
+        more = f" and {len(first) - 2} more" if len(first) > 2 else ""
+        message = (
+            f"{key}: the policy admits {len(first)} different exact subjects: {one.shown!r} "
+            f"and {two.shown!r}{more} ({where(one)}; {where(two)}); if they belong to "
+            "different tenants, each tenant's token can assume the other's role: pass the "
+            "subject template (--subject-template, subject_template=) to check"
+        )
+    return [Finding(severity, two.statement, two.sid, key, message)]
 
 
 def _check_audience(
