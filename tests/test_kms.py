@@ -410,18 +410,38 @@ async def test_an_unreachable_kms_is_unavailable_and_names_the_endpoint(
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_worker_signs_on_a_client_of_its_own(kms: LocalKMS) -> None:
+@pytest.mark.parametrize("own_session", [False, True], ids=["session-given", "default-session"])
+def test_a_forked_worker_signs_on_a_client_of_its_own(
+    kms: LocalKMS, monkeypatch: pytest.MonkeyPatch, own_session: bool
+) -> None:
     # gunicorn --preload: the key is built (GetPublicKey, a pooled connection) in the parent.
-    key = kms_key(kms)
+    if own_session:  # botocore's default chain: the environment's fake credentials
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        }.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+        key = SigningKey.from_kms(
+            kms.create_signing_key("ECC_NIST_P256", REGION), region=REGION, endpoint_url=kms.url
+        )
+    else:
+        key = kms_key(kms)
     assert isinstance(key, KMSSigningKey)
-    parent_client = key._client
+    parent_client, parent_session = key._client, key._session
 
     def child() -> bytes:  # sign, verify, report
         token = key.sign({"sub": "forked"})
         jwt.decode(token, key=jwt.PyJWK(key.public_jwk()).key, algorithms=["ES256"])
-        return b"fresh" if key._client is not parent_client else b"shared"
+        client = b"fresh" if key._client is not parent_client else b"shared"
+        # A session of the key's own is made anew (its locks may be held by a parent thread);
+        # a session the app gave is the app's to manage.
+        session = b"+session" if key._session is not parent_session else b""
+        return client + session
 
-    assert in_fork(child) == b"fresh"
+    assert in_fork(child) == (b"fresh+session" if own_session else b"fresh")
     assert key._client is parent_client  # the parent keeps its own
     assert jwt.decode(key.sign({"sub": "parent"}), options={"verify_signature": False})
 

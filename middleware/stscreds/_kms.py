@@ -6,7 +6,6 @@ import base64
 import json
 import os
 from collections.abc import Mapping
-from functools import partial
 from typing import Any
 
 import botocore.session
@@ -90,10 +89,12 @@ class KMSSigningKey(SigningKey):
 
     __slots__ = (
         "_client",
+        "_client_options",
         "_ecdsa_size",
         "_kms_algorithm",
-        "_new_client",
+        "_own_session",
         "_pid",
+        "_session",
         "key_arn",
         "key_id",
     )
@@ -120,6 +121,8 @@ class KMSSigningKey(SigningKey):
         # botocore at DEBUG logs each Sign's message and signature (together: a usable token)
         # and each signed request's session token: the filter cuts them out.
         install_log_filter()
+        #: A session of the key's own (none given): a forked worker makes itself a new one.
+        self._own_session = session is None
         if session is None:
             session = botocore.session.get_session()
         elif not isinstance(session, botocore.session.Session):
@@ -139,13 +142,13 @@ class KMSSigningKey(SigningKey):
             retries={"total_max_attempts": 1},
             max_pool_connections=64,
         )
-        self._new_client = partial(
-            session.create_client,
-            "kms",
-            region_name=region,
-            endpoint_url=endpoint_url,
-            config=config,
-        )
+        self._session: botocore.session.Session = session
+        self._client_options: dict[str, Any] = {
+            "region_name": region,
+            "endpoint_url": endpoint_url,
+            "config": config,
+        }
+        self._pid = 0
         self._client: BaseClient = self._client_for_this_process()
         try:
             answer = self._client.get_public_key(KeyId=key_id)
@@ -216,7 +219,11 @@ class KMSSigningKey(SigningKey):
         return (signing_input + b"." + _b64url(signature)).decode()
 
     def _client_for_this_process(self) -> BaseClient:
-        client: BaseClient = self._new_client()
+        if self._pid and self._own_session:
+            # A forked worker: the parent's session may have held its credential refresh
+            # lock at the fork, which nothing in this process would ever release.
+            self._session = botocore.session.get_session()
+        client: BaseClient = self._session.create_client("kms", **self._client_options)
         off_gate_on_the_wire(client, "kms.Sign")
         # The client first, then the pid: a thread that sees this pid sees this client.
         self._client = client

@@ -122,6 +122,7 @@ class CredentialsWSGIMiddleware:
         self._oidc_max_age = oidc_max_age
         # The key ring the documents were rendered from: a new ring renders them again.
         self._documents_keys = broker.signing_keys if serve_oidc else None
+        self._render_lock = threading.Lock()
         self._warm_up: concurrent.futures.Future[int] | None = None
         if self.warm_up:
             self._warm_up = self._loop.submit(run_warm_up, broker, self.warm_up)
@@ -238,10 +239,14 @@ class CredentialsWSGIMiddleware:
     ) -> Iterable[bytes]:
         document = self._documents[path]
         if document is not None and self.broker.signing_keys is not self._documents_keys:
-            # broker.set_signing_keys: serve the new ring (its own ETag) from now on.
-            keys = self.broker.signing_keys  # first: a ring replaced meanwhile renders again
-            self._documents.update(_as_wsgi(oidc_documents(self.broker, self._oidc_max_age)))
-            self._documents_keys = keys
+            # broker.set_signing_keys: serve the new ring (its own ETag) from now on. One
+            # thread renders: two could leave the older ring's documents under the newer's.
+            with self._render_lock:
+                keys = self.broker.signing_keys  # first: a ring replaced meanwhile renders again
+                if keys is not self._documents_keys:
+                    rendered = _as_wsgi(oidc_documents(self.broker, self._oidc_max_age))
+                    self._documents.update(rendered)
+                    self._documents_keys = keys
             document = self._documents[path]
         method = environ.get("REQUEST_METHOD")
         if method not in ("GET", "HEAD"):
@@ -269,6 +274,8 @@ class CredentialsWSGIMiddleware:
         return [b"" if method == "HEAD" else body]
 
     def _after_fork_in_child(self) -> None:
+        # A parent's thread may have held it at the fork.
+        self._render_lock = threading.Lock()
         # The shared loop thread itself is reset once, by the module's fork hook.
         if self._warm_up is not None and not self._warm_up.done():
             # The parent's loop will never finish it here; the child keeps what was cached.
