@@ -196,7 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     provider.add_argument("--account", help="12-digit account id of the IAM OIDC provider")
     provider.add_argument("--provider-arn", help="ARN of the IAM OIDC provider")
     trust_policy.add_argument("--subject", required=True, help="the exact sub of the tokens")
-    trust_policy.add_argument("--audience", default="sts.amazonaws.com")
+    trust_policy.add_argument(
+        "--audience",
+        default="sts.amazonaws.com",
+        help="the broker's audience (default: %(default)s)",
+    )
     trust_policy.add_argument(
         "--partition", default="aws", help="partition of the provider ARN (with --account)"
     )
@@ -211,10 +215,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     check.add_argument("file", nargs="?", metavar="FILE", help="the policy as JSON (- for stdin)")
     check.add_argument("--issuer", required=True, help="the issuer URL (https://...)")
-    check.add_argument("--audience", default="sts.amazonaws.com")
+    check.add_argument(
+        "--audience",
+        default="sts.amazonaws.com",
+        help="the broker's audience (default: %(default)s)",
+    )
     check.add_argument(
         "--subject-template",
-        help="the subjects the issuer signs, as RoleTemplate's subject: tenant:{tenant}",
+        help="the subjects the issuer signs, as RoleTemplate's subject: tenant:{tenant}; "
+        "without it any sub wildcard is an error (where the tenant sits is unknown)",
     )
     check.add_argument("--role-name", help="read the trust policy of this IAM role instead")
     check.add_argument("--endpoint-url", help="IAM endpoint (with --role-name)")
