@@ -1946,6 +1946,26 @@ async def test_a_key_source_is_read_at_start_and_reloaded_when_it_changes(
     assert key_files.reads == 3
 
 
+async def test_a_key_source_of_files_follows_the_runbook_by_renaming(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, key_files: KeyFiles
+) -> None:
+    """The deployment guide's directory: file names are the ring's order."""
+    broker = make_broker(signing_keys=key_files, signing_keys_interval=3600)
+    new = SigningKey.generate("ES256")
+    key_files.write("2-next.pem", new)  # step 1: sorts after, published, not signing
+    assert broker.reload_signing_keys() is True
+    assert [k.kid for k in broker.signing_keys] == [KEY.kid, new.kid]
+    await broker.get(Role(ROLE, subject="a"))
+    assert jwt.get_unverified_header(token_of(strict_sts))["kid"] == KEY.kid
+    (key_files.directory / "2-next.pem").rename(key_files.directory / "0-next.pem")  # step 3
+    assert broker.reload_signing_keys() is True
+    await broker.get(Role(ROLE, subject="b"))
+    assert jwt.get_unverified_header(token_of(strict_sts))["kid"] == new.kid
+    key_files.remove("1-current.pem")  # step 4
+    assert broker.reload_signing_keys() is True
+    assert [k["kid"] for k in broker.jwks()["keys"]] == [new.kid]
+
+
 @pytest.mark.parametrize(
     ("fault", "logged"),
     [
@@ -1959,12 +1979,22 @@ async def test_a_key_source_is_read_at_start_and_reloaded_when_it_changes(
             f"non-empty sequence of SigningKey); keeping the current keys ({KEY.kid} signs)",
         ),
         (
+            "corrupt-file",
+            "signing key source raised ValueError (pem: not a readable PEM private key); "
+            f"keeping the current keys ({KEY.kid} signs)",
+        ),
+        (
+            "unreadable-dir",
+            "signing key source raised FileNotFoundError (No such file or directory: {dir}); "
+            f"keeping the current keys ({KEY.kid} signs)",
+        ),
+        (
             "pem-text",
             "signing key source returned a ring that was refused (signing_keys: every item "
             f"must be a SigningKey); keeping the current keys ({KEY.kid} signs)",
         ),
     ],
-    ids=["raises", "empty-ring", "pem-text"],
+    ids=["raises", "empty-ring", "corrupt-file", "unreadable-dir", "pem-text"],
 )
 async def test_a_failing_key_source_keeps_the_ring_and_says_why(
     make_broker: Callable[..., CredentialBroker],
@@ -1979,6 +2009,16 @@ async def test_a_failing_key_source_keeps_the_ring_and_says_why(
         key_files.remove("1-current.pem")
     elif fault == "pem-text":  # PEM text, not SigningKey objects (as Django's list may hold)
         broker._key_source = lambda: [KEY.to_pem().decode()]
+    elif fault == "corrupt-file":
+        (key_files.directory / "2-broken.pem").write_bytes(KEY.to_pem()[:100])
+    elif fault == "unreadable-dir":
+        missing = key_files.directory / "gone"
+
+        def read_missing() -> list[SigningKey]:
+            return [SigningKey.from_pem((missing / "key.pem").read_bytes())]
+
+        broker._key_source = read_missing
+        logged = logged.replace("{dir}", str(missing / "key.pem"))
     else:
         key_files.fail = fault
     caplog.set_level(logging.WARNING, logger="stscreds")
@@ -1994,7 +2034,7 @@ async def test_the_broker_polls_its_key_source_on_a_thread_until_closed(
     broker = CredentialBroker(
         issuer=ISSUER,
         signing_keys=key_files,
-        signing_keys_interval=0.02,
+        signing_keys_interval=1,
         sts_endpoint_url=strict_sts.url,
     )
     poller = broker._key_poller
@@ -2002,7 +2042,7 @@ async def test_the_broker_polls_its_key_source_on_a_thread_until_closed(
     new = SigningKey.generate("ES256")
     key_files.write("0-new.pem", new)
     # A real thread on a real interval: wait for the event it brings, not for time to pass.
-    await wait_until(lambda: broker.signing_keys[0].kid == new.kid)
+    await wait_until(lambda: broker.signing_keys[0].kid == new.kid, timeout=10)
     await broker.aclose()
     poller._thread.join(5)
     assert not poller._thread.is_alive()
@@ -2014,7 +2054,7 @@ async def test_the_broker_polls_its_key_source_on_a_thread_until_closed(
 async def test_key_source_arguments_are_checked(
     make_broker: Callable[..., CredentialBroker], key_files: KeyFiles
 ) -> None:
-    for interval in (0, -1, float("nan"), float("inf"), 86_401, True, "60"):
+    for interval in (0, 0.5, -1, float("nan"), float("inf"), 86_401, True, "60"):
         with pytest.raises(ValueError, match="signing_keys_interval: must be a number"):
             make_broker(signing_keys=key_files, signing_keys_interval=interval)
     key_files.fail = OSError("mount not ready")

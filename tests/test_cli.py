@@ -124,6 +124,7 @@ def test_keygen_does_not_write_through_a_symlink(tmp_path: Path) -> None:
     result = run_cli("keygen", "--force", "--out", link)
     assert result.returncode == 1
     assert target.read_text() == "keep"
+    assert result.stderr == f"stscreds: {link} is a symlink: refusing to write through it\n"
 
 
 def test_keygen_rejects_unknown_alg(tmp_path: Path) -> None:
@@ -300,12 +301,12 @@ def test_trust_policy_output_checks_clean(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        pytest.param(["--account", "123"], "account_id", id="short-account"),
-        pytest.param(["--account", "123456789012", "--subject", "t:*"], "subject", id="wildcard"),
+        pytest.param(["--account", "123"], "--account", id="short-account"),
+        pytest.param(["--account", "123456789012", "--subject", "t:*"], "--subject", id="wildcard"),
         pytest.param(
-            ["--account", "123456789012", "--partition", "x"], "partition", id="partition"
+            ["--account", "123456789012", "--partition", "x"], "--partition", id="partition"
         ),
-        pytest.param(["--provider-arn", "arn:aws:iam::1:x"], "provider_arn", id="bad-arn"),
+        pytest.param(["--provider-arn", "arn:aws:iam::1:x"], "--provider-arn", id="bad-arn"),
     ],
 )
 def test_trust_policy_bad_input_exits_2_with_a_message(args: list[str], message: str) -> None:

@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import botocore.session
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -203,6 +204,39 @@ def test_bad_setups_fail_at_construction_naming_the_parameter(
         SigningKey.from_kms(key_id, region=REGION, endpoint_url=kms.url, **options)
 
 
+def test_a_throttled_get_public_key_at_start_up_is_tried_three_times(kms: LocalKMS) -> None:
+    arn = kms.create_signing_key("ECC_NIST_P256", REGION)
+    kms.calls.clear()
+    kms.fail("ThrottlingException", "Rate exceeded", times=2, operation="GetPublicKey")
+    key = SigningKey.from_kms(arn, region=REGION, endpoint_url=kms.url, session=kms.session())
+    assert key.alg == "ES256"
+    assert kms.calls["GetPublicKey"] == 3
+    kms.fail("ThrottlingException", "Rate exceeded", operation="GetPublicKey")
+    with pytest.raises(
+        STSUnavailable, match=r"KMS ThrottlingException reading the public key of .*Rate exceeded"
+    ):
+        SigningKey.from_kms(arn, region=REGION, endpoint_url=kms.url, session=kms.session())
+    assert kms.calls["GetPublicKey"] == 6
+
+
+def test_start_up_without_credentials_or_kms_says_which(
+    kms: LocalKMS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    arn = kms.create_signing_key("ECC_NIST_P256", REGION)
+    bare = botocore.session.Session()
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(STSUnavailable, match="no AWS credentials for KMS reading the public key"):
+        SigningKey.from_kms(arn, region=REGION, endpoint_url=kms.url, session=bare)
+    with pytest.raises(STSUnavailable, match="KMS unreachable reading the public key of"):
+        SigningKey.from_kms(
+            arn, region=REGION, endpoint_url="http://127.0.0.1:9", session=kms.session()
+        )
+
+
 def test_a_boto3_session_is_accepted(kms: LocalKMS) -> None:
     import boto3
 
@@ -218,8 +252,14 @@ def test_without_a_region_the_error_says_so(
     for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    with pytest.raises(ValueError, match="region: no AWS region"):
+    with pytest.raises(ValueError, match="region: none given, key_id is no ARN"):
         SigningKey.from_kms("x", endpoint_url=kms.url, session=kms.session())
+    # A key ARN names its region; so does AWS_REGION (botocore reads only AWS_DEFAULT_REGION).
+    arn = kms.create_signing_key("ECC_NIST_P256", REGION)
+    assert SigningKey.from_kms(arn, endpoint_url=kms.url, session=kms.session()).alg == "ES256"
+    monkeypatch.setenv("AWS_REGION", REGION)
+    key_id = arn.rsplit("/", 1)[1]
+    assert SigningKey.from_kms(key_id, endpoint_url=kms.url, session=kms.session()).alg == "ES256"
 
 
 # --- end to end through the strict STS -------------------------------------------------------

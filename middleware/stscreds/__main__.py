@@ -11,6 +11,7 @@ role itself, read with your AWS credentials): exit 0 when it has no errors, 1 wh
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -43,6 +44,11 @@ def _keygen(args: argparse.Namespace) -> int:
         print(f"stscreds: {args.out} exists (use --force to overwrite)", file=sys.stderr)
         return 1
     except OSError as error:
+        if error.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
+            print(
+                f"stscreds: {args.out} is a symlink: refusing to write through it", file=sys.stderr
+            )
+            return 1
         print(f"stscreds: {args.out}: {error.strerror}", file=sys.stderr)
         return 1
     with os.fdopen(fd, "wb") as handle:
@@ -81,10 +87,27 @@ def _trust_policy(args: argparse.Namespace) -> int:
             partition=args.partition,
         )
     except ValueError as error:
-        print(f"stscreds: {error}", file=sys.stderr)
+        print(f"stscreds: {_as_option(str(error))}", file=sys.stderr)
         return 2
     print(json.dumps(policy, indent=2))
     return 0
+
+
+# recommended_trust_policy's parameters, as the command line spells them.
+_OPTIONS = {
+    "issuer": "--issuer",
+    "subject": "--subject",
+    "account_id": "--account",
+    "provider_arn": "--provider-arn",
+    "audience": "--audience",
+    "partition": "--partition",
+}
+
+
+def _as_option(message: str) -> str:
+    """A ValueError's message with its leading parameter name as the option's."""
+    name, colon, rest = message.partition(":")
+    return f"{_OPTIONS[name]}:{rest}" if colon and name in _OPTIONS else message
 
 
 class _Unusable(Exception):

@@ -275,9 +275,9 @@ class CredentialBroker:
         if (
             isinstance(signing_keys_interval, bool)
             or not isinstance(signing_keys_interval, int | float)
-            or not 0 < signing_keys_interval <= 86_400
+            or not 1 <= signing_keys_interval <= 86_400
         ):
-            raise ValueError("signing_keys_interval: must be a number of seconds from 0 to 86400")
+            raise ValueError("signing_keys_interval: must be a number of seconds from 1 to 86400")
         self.signing_keys_interval = float(signing_keys_interval)
         #: The callable signing_keys was (re-read every signing_keys_interval), or None.
         self._key_source: KeySource | None = None
@@ -451,10 +451,9 @@ class CredentialBroker:
         try:
             ring = tuple(source())
         except Exception as error:
-            # The source's own message could hold key material: its type only.
             logger.warning(
                 "signing key source raised %s; keeping the current keys (%s signs)",
-                type(error).__name__,
+                _source_error(error),
                 current[0].kid,
             )
             return False
@@ -1116,6 +1115,19 @@ class CredentialBroker:
             f"CredentialBroker(issuer={self.issuer!r}, sts_endpoint_url={self.sts_endpoint_url!r}, "
             f"cached={len(self._cache)})"
         )
+
+
+def _source_error(error: BaseException) -> str:
+    """What a key source's exception may say in a log: a file error (errno, path) and
+    SigningKey.from_pem's own messages, which never quote key material; for anything else
+    (its message could hold a key) the type only."""
+    name = type(error).__name__
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{name} ({error.strerror}{where})"
+    if isinstance(error, ValueError) and str(error).startswith("pem: "):
+        return f"{name} ({error})"
+    return name
 
 
 def _describe(error: BaseException) -> str:

@@ -5,20 +5,27 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import botocore.session
 from botocore.client import BaseClient
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from ._errors import CredentialsUnavailable, _SigningRejected, _SigningUnavailable
+from ._errors import (
+    CredentialsRejected,
+    CredentialsUnavailable,
+    _SigningRejected,
+    _SigningUnavailable,
+)
 from ._exchange import install_log_filter, off_gate_on_the_wire
+from ._region import default_region
 from ._signing import SigningKey
 
 __all__ = ["KMSSigningKey", "classify_kms_error"]
@@ -49,22 +56,27 @@ KMS_TRANSIENT_CODES = frozenset(
 )
 
 
-def classify_kms_error(error: BaseException, key_id: str) -> CredentialsUnavailable:
+def classify_kms_error(
+    error: BaseException, key_id: str, action: str = "signing with"
+) -> CredentialsUnavailable:
     """A KMS failure as stscreds' errors: transient ones as STSUnavailable (retried within the
     exchange deadline), the rest (access denied, key disabled or deleted...) as
-    CredentialsRejected. KMS's own message is kept: it says what to fix, and holds no secret."""
+    CredentialsRejected. KMS's own message is kept: it says what to fix, and holds no secret.
+    ``action`` says what was being done ("signing with", "reading the public key of")."""
     if isinstance(error, ClientError):
         info = error.response.get("Error", {})
         code = info.get("Code") or None
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        message = f"KMS {code or 'error'} signing with {key_id}: {info.get('Message') or '-'}"
+        message = f"KMS {code or 'error'} {action} {key_id}: {info.get('Message') or '-'}"
         if code in KMS_TRANSIENT_CODES or status >= 500 or status == 429:
             return _SigningUnavailable(message, code=code)
         return _SigningRejected(message, code=code)
+    if isinstance(error, NoCredentialsError):
+        return _SigningUnavailable(f"no AWS credentials for KMS {action} {key_id}: {error}")
     if isinstance(error, BotoCoreError | OSError):
         # botocore's messages here name the endpoint or the missing credentials, nothing secret.
-        return _SigningUnavailable(f"KMS unreachable signing with {key_id}: {error}")
-    return _SigningUnavailable(f"KMS signing with {key_id} failed: {type(error).__name__}")
+        return _SigningUnavailable(f"KMS unreachable {action} {key_id}: {error}")
+    return _SigningUnavailable(f"KMS {action} {key_id} failed: {type(error).__name__}")
 
 
 def _b64url(data: bytes) -> bytes:
@@ -130,9 +142,12 @@ class KMSSigningKey(SigningKey):
             session = getattr(session, "_session", None)
             if not isinstance(session, botocore.session.Session):
                 raise TypeError("session: must be None, a botocore or a boto3 Session")
-        region = region or session.get_config_variable("region")
+        region = region or default_region(session, key_id)
         if not region:
-            raise ValueError("region: no AWS region given or configured (AWS_REGION)")
+            raise ValueError(
+                "region: none given, key_id is no ARN, and neither AWS_REGION, "
+                "AWS_DEFAULT_REGION nor the profile names one"
+            )
         #: The key as it was named (id, ARN or alias).
         self.key_id: str = key_id
         config = Config(
@@ -150,14 +165,7 @@ class KMSSigningKey(SigningKey):
         }
         self._pid = 0
         self._client: BaseClient = self._client_for_this_process()
-        try:
-            answer = self._client.get_public_key(KeyId=key_id)
-        except (ClientError, BotoCoreError) as error:
-            # At start-up a KMS failure is a setup error: say so now, with KMS's reason.
-            raise ValueError(
-                f"key_id: cannot read the public key of {key_id}: "
-                f"{classify_kms_error(error, key_id).message}"
-            ) from None
+        answer = self._read_public_key(key_id)
         if answer.get("KeyUsage") != "SIGN_VERIFY":
             raise ValueError(
                 f"key_id: {key_id} is not an asymmetric SIGN_VERIFY key "
@@ -187,6 +195,24 @@ class KMSSigningKey(SigningKey):
         self._ecdsa_size = (
             (public.curve.key_size + 7) // 8 if isinstance(public, ec.EllipticCurvePublicKey) else 0
         )
+
+    def _read_public_key(self, key_id: str) -> dict[str, Any]:
+        """GetPublicKey, tried 3 times while KMS fails transiently (a fleet starting at once
+        may be throttled). A key KMS refuses is a ValueError naming ``key_id``; KMS out of
+        reach (or no credentials) is STSUnavailable."""
+        for attempt in range(3):
+            try:
+                answer: dict[str, Any] = self._client.get_public_key(KeyId=key_id)
+                return answer
+            except (ClientError, BotoCoreError) as error:
+                failure = classify_kms_error(error, key_id, "reading the public key of")
+                if isinstance(failure, CredentialsRejected):
+                    # At start-up KMS refusing the key is a setup error: say so, with why.
+                    raise ValueError(f"key_id: {failure.message}") from None
+                if attempt == 2 or isinstance(error, NoCredentialsError):
+                    raise failure from None
+            time.sleep(0.2 * 2**attempt)  # at start-up, before any loop: blocking is fine
+        raise AssertionError("unreachable")
 
     def sign(self, payload: Mapping[str, Any]) -> str:
         """Sign ``payload`` as a compact JWT with KMS ``Sign`` (blocking: call it off the loop).

@@ -28,7 +28,7 @@ class LocalKMS(MotoServer):
         super().__init__()
         #: Seconds every ``Sign`` call waits before it is answered.
         self.delay = 0.0
-        self._faults: list[tuple[str, str, int, int | None]] = []
+        self._faults: list[tuple[str, str, str, int, int | None]] = []
         self._signing = 0
         #: The most ``Sign`` calls that were in this server at once.
         self.max_signing = 0
@@ -47,40 +47,48 @@ class LocalKMS(MotoServer):
         arn: str = metadata["KeyMetadata"]["Arn"]
         return arn
 
-    def fail(self, code: str, message: str, status: int = 400, times: int | None = None) -> None:
-        """Answer the next ``times`` ``Sign`` calls (every one: None) with KMS error ``code``."""
+    def fail(
+        self,
+        code: str,
+        message: str,
+        status: int = 400,
+        times: int | None = None,
+        operation: str = "Sign",
+    ) -> None:
+        """Answer the next ``times`` ``operation`` calls (every one: None) with error ``code``."""
         with self._state:
-            self._faults.append((code, message, status, times))
+            self._faults.append((operation, code, message, status, times))
 
     def clear_faults(self) -> None:
         with self._state:
             self._faults.clear()
             self.delay = 0.0
 
-    def _take_fault(self) -> tuple[str, str, int] | None:
+    def _take_fault(self, operation: str) -> tuple[str, str, int] | None:
         with self._state:
-            if not self._faults:
-                return None
-            code, message, status, times = self._faults[0]
-            if times is not None:
-                if times <= 1:
-                    self._faults.pop(0)
-                else:
-                    self._faults[0] = (code, message, status, times - 1)
-            return code, message, status
+            for index, (target, code, message, status, times) in enumerate(self._faults):
+                if target != operation:
+                    continue
+                if times is not None:
+                    if times <= 1:
+                        del self._faults[index]
+                    else:
+                        self._faults[index] = (target, code, message, status, times - 1)
+                return code, message, status
+            return None
 
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         operation = self._count(environ)
-        if operation != "Sign":
-            return self._forward(environ, start_response)
-        with self._state:
-            self._signing += 1
-            self.max_signing = max(self.max_signing, self._signing)
-            delay = self.delay
+        signing = operation == "Sign"
+        if signing:
+            with self._state:
+                self._signing += 1
+                self.max_signing = max(self.max_signing, self._signing)
+                delay = self.delay
         try:
-            if delay:
+            if signing and delay:
                 time.sleep(delay)
-            fault = self._take_fault()
+            fault = self._take_fault(operation)
             if fault is None:
                 return self._forward(environ, start_response)
             code, message, status = fault
@@ -95,5 +103,6 @@ class LocalKMS(MotoServer):
             )
             return [body]
         finally:
-            with self._state:
-                self._signing -= 1
+            if signing:
+                with self._state:
+                    self._signing -= 1

@@ -52,6 +52,7 @@ from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from .._region import default_region
 from ._cipher import StoreCipher
 from ._waiters import consume, registered, wake
 
@@ -169,7 +170,7 @@ class DynamoDBStore:
                 session = botocore.session.get_session()
             # Resolved now (environment and config files), so that a missing region is a
             # clear error here rather than a NoRegionError at every request.
-            region = region or session.get_config_variable("region")
+            region = region or default_region(session)
             if not region:
                 raise ValueError(
                     "region: none given and botocore has no default "
