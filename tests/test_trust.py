@@ -62,6 +62,29 @@ ERROR, WARNING = "error", "warning"
 TABLE = [
     pytest.param(GOOD, {}, set(), id="good-exact-sub"),
     pytest.param(
+        policy(
+            statement(
+                {"StringEquals": {f"https://{AUD}": STS_AUD, f"https://{SUB}": "tenant:acme"}}
+            )
+        ),
+        {},
+        {(ERROR, f"https://{AUD}"), (ERROR, f"https://{SUB}")},
+        id="keys-with-the-scheme-admit-nothing",
+    ),
+    pytest.param(
+        policy(
+            statement(
+                {
+                    "StringEquals": {AUD: STS_AUD},
+                    "StringNotEquals": {f"{HOST}/:sub": "tenant:evil"},
+                }
+            )
+        ),
+        {},
+        {(ERROR, f"{HOST}/:sub"), (ERROR, SUB)},
+        id="negated-misspelled-key-restricts-nothing",
+    ),
+    pytest.param(
         policy(statement({"StringEquals": {AUD: STS_AUD}})), {}, {(ERROR, SUB)}, id="missing-sub"
     ),
     pytest.param(

@@ -474,6 +474,33 @@ def _kind(operator: str) -> str | None:
     }.get(base)
 
 
+def _misspelled_keys(statement: Mapping[str, Any], host: str) -> list[tuple[str, str, bool]]:
+    """Condition keys meant for this issuer's ``aud``/``sub`` but spelled as IAM never sets
+    them (``https://app.example.com:sub``, ``app.example.com/:sub``): (key, the right key,
+    whether the operator is one that never matches a key IAM does not set)."""
+    block = statement.get("Condition", {})
+    found: list[tuple[str, str, bool]] = []
+    if not isinstance(block, Mapping):
+        return found
+    for operator, entries in block.items():
+        if not isinstance(entries, Mapping) or not isinstance(operator, str):
+            continue
+        # A missing key makes StringEquals/StringLike false, but a negated operator or an
+        # ...IfExists one true.
+        never = "Not" not in operator and not operator.endswith("IfExists")
+        for key in entries:
+            if not isinstance(key, str):
+                continue
+            prefix, colon, claim = key.rpartition(":")
+            if not colon or claim.lower() not in ("sub", "aud"):
+                continue
+            bare = prefix.lower().split("://", 1)[-1].rstrip("/")
+            right = f"{host}:{claim.lower()}"
+            if bare == host.lower() and key.lower() != right.lower():
+                found.append((key, right, never))
+    return found
+
+
 def _conditions(
     statement: Mapping[str, Any], index: int, keys: Sequence[str]
 ) -> dict[str, list[_Condition]]:
@@ -603,12 +630,32 @@ def check_trust_policy(
                 f"(arn:aws:iam::<account>:oidc-provider/{host}): this statement never admits "
                 "the issuer's tokens",
             )
-        subjects = _check_subject(
-            report, conditions[sub_key.lower()], sub_key, issuer, template, variables
-        )
+        misspelled = _misspelled_keys(statement, host)
+        for wrong, right, never in misspelled:
+            effect = (
+                "this condition is never true and the statement admits no token"
+                if never
+                else "this condition is always true and restricts nothing"
+            )
+            report.add(
+                "error",
+                wrong,
+                f"IAM never sets this condition key, so {effect}; for this issuer IAM sets "
+                f"{right!r} (the issuer URL without its scheme and without a trailing slash): "
+                "write that",
+            )
+        # A claim whose misspelled key makes the statement admit nothing is reported above,
+        # not also as a missing condition (which says any token is admitted).
+        meant = {right for _, right, never in misspelled if never}
+        sub_conditions = conditions[sub_key.lower()]
+        if sub_key in meant and not sub_conditions:
+            subjects: list[_Admitted] = []
+        else:
+            subjects = _check_subject(report, sub_conditions, sub_key, issuer, template, variables)
         if principal != "other":  # a statement that never admits the issuer's tokens
             admitted.extend(subjects)
-        _check_audience(report, conditions[aud_key.lower()], aud_key, audience, variables)
+        if not (aud_key in meant and not conditions[aud_key.lower()]):
+            _check_audience(report, conditions[aud_key.lower()], aud_key, audience, variables)
         findings.extend(report.findings)
     if not trusted:
         findings.insert(
