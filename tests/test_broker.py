@@ -39,7 +39,7 @@ from stscreds import (
 )
 from stscreds._broker import HEALTH_WINDOW
 from stscreds._cache import MANDATORY_WINDOW, MIN_REFRESH_INTERVAL, advisory_window
-from stscreds._metrics import METRICS, ROLE_METRIC
+from stscreds._metrics import METRICS, ROLE_METRIC, error_label
 from stscreds.stores import MemoryStore, StoreCipher, generate_key
 
 ROLE = "arn:aws:iam::123456789012:role/app/reader"
@@ -1805,6 +1805,52 @@ async def test_a_refused_token_is_signed_again_only_once_and_only_after_a_clock_
     with pytest.raises(CredentialsRejected, match="expired"):
         await broker.get(Role(OTHER_ROLE))
     assert strict_sts.calls == 2
+
+
+async def test_a_retry_after_a_failure_that_taught_stss_clock_is_signed_on_it(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS, clock: FakeClock
+) -> None:
+    # STS 10 minutes ahead answers a cold broker 503 first: its Date header moves the clock,
+    # so the retry's token is dated anew (else it earns a refusal and a third call).
+    strict_sts.clock = Skewed(clock, 600.0)
+    strict_sts.fail_next(1, "ServiceUnavailable", 503, "Service unavailable")
+    broker = make_broker(clock=clock, max_attempts=3)
+    broker._exchanger.retry_base_delay = 0.001
+    await broker.get(Role(ROLE))
+    assert [call.error_code for call in strict_sts.requests] == ["ServiceUnavailable", None]
+
+
+async def test_closing_during_a_retry_backoff_is_closed_not_an_sts_failure(
+    make_broker: Callable[..., CredentialBroker], strict_sts: StrictSTS
+) -> None:
+    strict_sts.fail_always("ServiceUnavailable", 503, "Service unavailable")
+    broker = make_broker(max_attempts=3, exchange_deadline=30.0)
+    broker._exchanger.retry_base_delay = 2.0  # the first retry waits 1-2 s
+    pending = asyncio.ensure_future(broker.get(Role(ROLE)))
+    await sts_has_calls(strict_sts, 1)
+    broker.close()
+    with pytest.raises(STSUnavailable) as raised:
+        await asyncio.wait_for(pending, 10)
+    assert error_label(raised.value) == "Closed"
+    assert strict_sts.calls == 1
+
+
+async def test_attempts_are_counted_when_the_exchange_is_cancelled(
+    make_broker: Callable[..., CredentialBroker],
+    strict_sts: StrictSTS,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    strict_sts.hang = True
+    broker = make_broker()
+    caplog.set_level(logging.INFO, logger="stscreds")
+    pending = asyncio.ensure_future(broker.get(Role(ROLE)))
+    await sts_has_calls(strict_sts, 1)
+    await broker.aclose()
+    strict_sts.release()
+    with contextlib.suppress(STSUnavailable, asyncio.CancelledError):  # aclose cancelled it
+        await pending
+    (event,) = [r for r in caplog.records if r.getMessage().startswith("exchange for")]
+    assert event.attempts == 1  # type: ignore[attr-defined]
 
 
 # -- replacing the signing keys at runtime ---------------------------------------------------

@@ -128,3 +128,15 @@ def test_after_fork_gets_a_new_lock() -> None:
     budget.throttled()  # does not block
     assert budget.limited
     old.release()
+
+
+def test_check_looks_without_taking_a_token() -> None:
+    now = Now()
+    budget = StsBudget(clock=now, initial_rate=5, burst=3)
+    assert budget.check() == 0.0  # open: nothing to take
+    budget.throttled()
+    assert [budget.check() for _ in range(10)] == [0.0] * 10  # looks: the bucket stays full
+    assert [budget.acquire() for _ in range(3)] == [0.0] * 3
+    assert budget.check() == pytest.approx(1 / 5)  # empty: refused, and counted
+    assert budget.check(background=True) > budget.check()
+    assert budget.refused == 3

@@ -404,15 +404,18 @@ async def test_a_throttled_sts_costs_no_kms_signature_for_calls_the_budget_holds
     broker = strict_sts.make_broker(
         signing_keys=[key], max_attempts=1, transient_negative_ttl=(0, 0), max_workers=8
     )
-    roles = [Role(f"arn:aws:iam::123456789012:role/t{i}", subject=f"t:{i}") for i in range(40)]
+    roles = [Role(f"arn:aws:iam::123456789012:role/t{i}", subject=f"t:{i}") for i in range(80)]
     try:
         results = await asyncio.gather(*(broker.get(r) for r in roles), return_exceptions=True)
     finally:
         broker.close()
     assert all(isinstance(r, STSUnavailable) for r in results)
     assert sum(1 for r in results if error_label(r) == "BudgetRefused") > 0  # type: ignore[arg-type]
-    # Every signature went to STS: the budget is asked before signing.
-    assert kms.calls["Sign"] == strict_sts.calls < len(roles)
+    # The budget is asked before signing: once it has closed, no signature is made for a call
+    # it holds back. Only tokens being signed when it closed (at most one per pool thread)
+    # are not sent: the budget is asked again as the call goes out, and wins.
+    assert strict_sts.calls <= kms.calls["Sign"] <= strict_sts.calls + 8
+    assert kms.calls["Sign"] < len(roles) // 2
 
 
 async def test_attempts_count_the_calls_that_reached_sts_not_failed_signatures(

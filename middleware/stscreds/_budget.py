@@ -77,6 +77,14 @@ class StsBudget:
 
         A background refresh needs the bucket at least half full, so it yields to requests.
         """
+        return self._ask(background, take=True)
+
+    def check(self, *, background: bool = False) -> float:
+        """Whether a call could go now, without taking a token: 0.0, or the seconds until one
+        may (counted as refused). For work before a call (signing) that a refusal saves."""
+        return self._ask(background, take=False)
+
+    def _ask(self, background: bool, take: bool) -> float:
         with self._lock:
             if not self.limited:
                 return 0.0
@@ -85,7 +93,8 @@ class StsBudget:
             # A background refresh leaves at least half the bucket for requests.
             need = min(1.0 + self.burst / 2, self.burst) if background else 1.0
             if self._tokens >= need:
-                self._tokens -= 1.0
+                if take:
+                    self._tokens -= 1.0
                 return 0.0
             self.refused += 1
             return (need - self._tokens) / self.rate

@@ -397,25 +397,35 @@ class StsExchanger:
 
         def attempt_call() -> dict[str, Any]:
             nonlocal params, minted_offset, signing, sent
-            if budget is not None:
-                # Taken here, on the thread, before signing and as the call goes out: a burst
-                # queued on the pool passes one by one, after the answers that closed it, and
-                # a call the budget holds back costs no signature (KMS: a request, and money).
-                wait = budget.acquire(background=background)
+            if budget is not None and params is None:
+                # A call the budget would hold back costs no signature (KMS: a request, and
+                # money). Only a look: the token is taken as the call goes out, below.
+                wait = budget.check(background=background)
                 if wait > 0:
                     raise _Refused(wait)
             gate.enter()
-            # A remote signer (KMS) steps off the gate while its request is on the wire.
+            # A remote signer (KMS) steps off the gate while its request is signed and sent.
             _held.gate = gate
+            signed = False
             try:
                 if params is None:
                     minted_offset = sts_clock.offset
                     signing = True
-                    token = mint()
-                    signing = False
+                    try:
+                        token = mint()
+                    finally:
+                        signing = False
                     params = request.params(token)
+                    signed = True
                 if self.closed or time.monotonic() >= deadline_mono:
-                    raise _Abandoned
+                    raise _Abandoned(signed)
+                if budget is not None:
+                    # Taken here, on the thread, as the call goes out: a burst queued on the
+                    # pool passes one by one, after the answers that closed it, and a budget
+                    # that closed while this token was signed holds the call back.
+                    wait = budget.acquire(background=background)
+                    if wait > 0:
+                        raise _Refused(wait)
                 sent += 1
                 return self._call(params)
             finally:
@@ -424,81 +434,86 @@ class StsExchanger:
 
         attempt = 0
         last: CredentialsUnavailable | None = None
-        while True:
-            attempt += 1
-            remaining = deadline_at - loop.time()
-            if remaining <= 0:
-                raise _Timeout(
-                    f"STS did not answer within {self.deadline:g}s", role_arn=request.role_arn
-                )
-            try:
-                response = await asyncio.wait_for(
-                    loop.run_in_executor(self._pool, attempt_call), remaining
-                )
-            except _Refused as refused:
-                attempt -= 1
-                if last is not None:
-                    raise last._copy(retry_after=refused.wait) from None
-                raise BudgetRefused(
-                    f"STS is throttling: holding calls back for {refused.wait:.1f}s",
-                    code="Throttling",
-                    role_arn=request.role_arn,
-                    retry_after=refused.wait,
-                ) from None
-            except (asyncio.TimeoutError, _Abandoned):
-                outcome.attempts = sent
+        try:
+            while True:
+                attempt += 1
                 if self.closed:
-                    raise _Closed(
-                        "credential broker is closed", role_arn=request.role_arn
-                    ) from None
-                if signing:
-                    raise _SigningUnavailable(
-                        f"signing the token did not finish within {self.deadline:g}s",
+                    raise _Closed("credential broker is closed", role_arn=request.role_arn)
+                remaining = deadline_at - loop.time()
+                if remaining <= 0:
+                    raise _Timeout(
+                        f"STS did not answer within {self.deadline:g}s", role_arn=request.role_arn
+                    )
+                try:
+                    response = await asyncio.wait_for(
+                        loop.run_in_executor(self._pool, attempt_call), remaining
+                    )
+                except _Refused as refused:
+                    if last is not None:
+                        raise last._copy(retry_after=refused.wait) from None
+                    raise BudgetRefused(
+                        f"STS is throttling: holding calls back for {refused.wait:.1f}s",
+                        code="Throttling",
                         role_arn=request.role_arn,
+                        retry_after=refused.wait,
                     ) from None
-                raise _Timeout(
-                    f"STS did not answer within {self.deadline:g}s", role_arn=request.role_arn
-                ) from None
-            except Exception as exc:
-                outcome.attempts = sent
-                if params is None:
-                    if not isinstance(exc, CredentialsUnavailable):
-                        raise  # minting failed (a bug, not STS): as it came, never retried
-                    # A remote signer (KMS) failed: classified like STS's own errors, and
-                    # retried the same way when transient; the next attempt signs again.
-                    error = exc._copy(role_arn=request.role_arn)
-                else:
-                    error = classify_error(exc, request.role_arn)
-                    if (
-                        not reminted
-                        and error.code in _CLOCK_REFUSALS
-                        and abs(sts_clock.offset - minted_offset) > _REMINT_SHIFT
-                    ):
-                        # The refusal's Date header moved what is known of STS's clock: the
-                        # token was dated on a clock STS does not share (a cold process
-                        # minutes off). Sign again on STS's time, once, inside the deadline;
-                        # it is not one of the max_attempts.
-                        reminted = True
+                except (asyncio.TimeoutError, _Abandoned) as timed_out:
+                    if self.closed:
+                        raise _Closed(
+                            "credential broker is closed", role_arn=request.role_arn
+                        ) from None
+                    if signing or (isinstance(timed_out, _Abandoned) and timed_out.signed):
+                        raise _SigningUnavailable(
+                            f"signing the token did not finish within {self.deadline:g}s",
+                            role_arn=request.role_arn,
+                        ) from None
+                    raise _Timeout(
+                        f"STS did not answer within {self.deadline:g}s", role_arn=request.role_arn
+                    ) from None
+                except Exception as exc:
+                    if params is None:
+                        if not isinstance(exc, CredentialsUnavailable):
+                            raise  # minting failed (a bug, not STS): as it came, never retried
+                        # A remote signer (KMS) failed: classified like STS's own errors, and
+                        # retried the same way when transient; the next attempt signs again.
+                        error = exc._copy(role_arn=request.role_arn)
+                    else:
+                        error = classify_error(exc, request.role_arn)
+                        if (
+                            not reminted
+                            and error.code in _CLOCK_REFUSALS
+                            and abs(sts_clock.offset - minted_offset) > _REMINT_SHIFT
+                        ):
+                            # The refusal's Date header moved what is known of STS's clock:
+                            # the token was dated on a clock STS does not share (a cold
+                            # process minutes off). Sign again on STS's time, once, inside the
+                            # deadline; it is not one of the max_attempts.
+                            reminted = True
+                            params = None
+                            attempt -= 1
+                            continue
+                    if isinstance(error, CredentialsRejected) or attempt >= self.max_attempts:
+                        raise error from None
+                    delay = random.uniform(0.5, 1.0) * self.retry_base_delay * 2 ** (attempt - 1)  # noqa: S311
+                    if loop.time() + delay >= deadline_at:
+                        raise error from None
+                    logger.debug(
+                        "transient STS error %s for %s, retry %d in %.2fs",
+                        error.code or error.reason or type(error).__name__,
+                        request.role_arn,
+                        attempt,
+                        delay,
+                    )
+                    last = error
+                    if params is not None and abs(sts_clock.offset - minted_offset) > _REMINT_SHIFT:
+                        # The failed answer taught STS's clock: the retry's token is dated on it.
                         params = None
-                        attempt -= 1
-                        continue
-                if isinstance(error, CredentialsRejected) or attempt >= self.max_attempts:
-                    raise error from None
-                delay = random.uniform(0.5, 1.0) * self.retry_base_delay * 2 ** (attempt - 1)  # noqa: S311
-                if loop.time() + delay >= deadline_at:
-                    raise error from None
-                logger.debug(
-                    "transient STS error %s for %s, retry %d in %.2fs",
-                    error.code or type(exc).__name__,
-                    request.role_arn,
-                    attempt,
-                    delay,
-                )
-                last = error
-                await asyncio.sleep(delay)
-                continue
+                    await asyncio.sleep(delay)
+                    continue
+                return _credentials_from(response)
+        finally:
+            # However the exchange ends (cancellation included): the calls STS received.
             outcome.attempts = sent
-            return _credentials_from(response)
 
     def _new_client(self) -> BaseClient:
         client = self._session.create_client(
@@ -760,12 +775,20 @@ def _step_on_gate(**kwargs: Any) -> None:
 
 def off_gate_on_the_wire(client: BaseClient, event: str) -> None:
     """Make ``client`` (a botocore client called while a token is minted, e.g. KMS ``Sign``)
-    leave the exchange's gate while its request ``event`` (``"kms.Sign"``) is on the wire.
+    leave the exchange's gate while its request ``event`` (``"kms.Sign"``) is signed and on
+    the wire, and take it again for the answer.
 
-    Without it, one remote signature at a time would go out across every identity.
+    Without it, one remote signature at a time would go out across every identity. Signing
+    is off the gate too: that is when botocore fetches or refreshes the client's own AWS
+    credentials (IMDS, the container endpoint: a network call of its own).
     """
-    client.meta.events.register(f"before-send.{event}", _step_off_gate)
+    client.meta.events.register(f"before-sign.{event}", _step_off_gate)
     client.meta.events.register(f"before-parse.{event}", _step_on_gate)
+
+
+def step_off_gate() -> None:
+    """Leave the exchange's gate, if this thread holds one (for blocking work in a signer)."""
+    _step_off_gate()
 
 
 class BudgetRefused(STSUnavailable):
@@ -776,7 +799,12 @@ class BudgetRefused(STSUnavailable):
 
 class _Abandoned(Exception):
     """An attempt found its exchange past the deadline (or the exchanger closed) once its
-    token was signed: STS is not called for a caller that is gone."""
+    token was signed: STS is not called for a caller that is gone. ``signed``: this attempt
+    signed the token (so the signature is what took the time)."""
+
+    def __init__(self, signed: bool) -> None:
+        super().__init__(signed)
+        self.signed = signed
 
 
 class _Refused(Exception):

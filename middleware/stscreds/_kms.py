@@ -24,7 +24,7 @@ from ._errors import (
     _SigningRejected,
     _SigningUnavailable,
 )
-from ._exchange import install_log_filter, off_gate_on_the_wire
+from ._exchange import install_log_filter, off_gate_on_the_wire, step_off_gate
 from ._region import default_region
 from ._signing import SigningKey
 
@@ -223,6 +223,8 @@ class KMSSigningKey(SigningKey):
         if self._pid != os.getpid():
             # A forked worker (gunicorn --preload): the parent's client holds connections the
             # parent opened, which two processes must never share. Left alone, not closed.
+            # Made off the exchange's gate: a new client resolves its credentials (IMDS...).
+            step_off_gate()
             client = self._client_for_this_process()
         header = {"alg": self.alg, "kid": self.kid, "typ": "JWT"}
         signing_input = _json_b64url(header) + b"." + _json_b64url(dict(payload))
