@@ -942,3 +942,29 @@ def test_redact_secrets_cuts_the_session_token_header(text: str) -> None:
     assert "SECRET" not in redacted
     assert "IQoJ" not in redacted
     assert "<redacted>" in redacted
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "warned"),
+    [
+        ("http://sts.internal.example:8080", True),
+        ("http://10.0.0.5", True),
+        ("https://sts.internal.example", False),
+        ("http://127.0.0.1:5000", False),
+        ("http://localhost:5000", False),
+        ("http://[::1]:5000", False),
+        (None, False),  # the regional AWS endpoint, https
+    ],
+)
+def test_an_sts_endpoint_in_clear_off_loopback_is_warned_about(
+    caplog: pytest.LogCaptureFixture, endpoint: str | None, warned: bool
+) -> None:
+    caplog.set_level(logging.WARNING, logger="stscreds")
+    exchanger = StsExchanger(endpoint_url=endpoint)
+    try:
+        messages = [r.getMessage() for r in caplog.records if "is not https" in r.getMessage()]
+        assert len(messages) == int(warned)
+        if warned:
+            assert messages[0].startswith(f"sts_endpoint_url {exchanger.endpoint_url} is not https")
+    finally:
+        exchanger.close()

@@ -91,6 +91,10 @@ _CLOCK_REFUSALS = frozenset({"InvalidIdentityToken", "ExpiredTokenException"})
 _REMINT_SHIFT = 5.0
 
 
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def is_throttling(error: BaseException) -> bool:
     """True for an STS answer saying the account is calling too fast."""
     if not isinstance(error, ClientError):
@@ -343,6 +347,14 @@ class StsExchanger:
         self.endpoint_url: str = self._client.meta.endpoint_url
         #: The endpoint's host name (a span attribute).
         self.host: str = urlsplit(self.endpoint_url).hostname or ""
+        if urlsplit(self.endpoint_url).scheme != "https" and not _is_loopback(self.host):
+            # AssumeRoleWithWebIdentity is unsigned: the token is the authentication, and the
+            # answer holds the credentials. Over http both cross the network in clear.
+            logger.warning(
+                "sts_endpoint_url %s is not https: tokens and credentials cross the network "
+                "in clear; use https (http is for a local STS on loopback)",
+                self.endpoint_url,
+            )
         self.deadline = float(deadline)
         self.max_attempts = max_attempts
         self.retry_base_delay = retry_base_delay
