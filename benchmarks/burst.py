@@ -118,41 +118,50 @@ def _serve_sts(conn: Connection, issuer: str, jwks: dict[str, Any], latency: flo
         conn.close()
 
 
-class RemoteSTS:
-    """A LocalSTS in a spawned process (its CPU is not this process's GIL)."""
+class RemoteProcess:
+    """A server run by ``target(conn, *args)`` in a spawned process (its CPU is not this
+    process's GIL), driven over a pipe: ``started`` is the first thing it sends."""
 
-    def __init__(self, jwks: dict[str, Any], latency: float) -> None:
+    def __init__(self, target: Any, args: tuple[Any, ...], name: str, start_timeout: float):
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        self._process = context.Process(
-            target=_serve_sts, args=(child, ISSUER, jwks, latency), name="burst-sts", daemon=True
-        )
+        self._process = context.Process(target=target, args=(child, *args), name=name, daemon=True)
         self._process.start()
         child.close()
-        if not self._conn.poll(60):
+        if not self._conn.poll(start_timeout):
             self.stop()
-            raise RuntimeError("the STS process did not start within 60 s")
-        self.url: str = self._conn.recv()
+            raise RuntimeError(f"{name} did not start within {start_timeout:g} s")
+        self.started: Any = self._conn.recv()
 
-    def reset(self) -> float:
-        """Forget recorded calls; the STS process's CPU seconds so far."""
-        self._conn.send("reset")
-        cpu: float = self._conn.recv()
-        return cpu
-
-    def report(self) -> dict[str, Any]:
-        self._conn.send("report")
-        report: dict[str, Any] = self._conn.recv()
-        return report
+    def _ask(self, message: Any) -> Any:
+        self._conn.send(message)
+        return self._conn.recv()
 
     def stop(self) -> None:
         with contextlib.suppress(OSError):  # the process is gone already
-            self._conn.send("stop")
+            self._conn.send("stop")  # any message a server does not know ends it
         self._process.join(10)
         if self._process.is_alive():
             self._process.kill()
             self._process.join()
         self._conn.close()
+
+
+class RemoteSTS(RemoteProcess):
+    """A LocalSTS in a spawned process."""
+
+    def __init__(self, jwks: dict[str, Any], latency: float) -> None:
+        super().__init__(_serve_sts, (ISSUER, jwks, latency), "burst-sts", 60)
+        self.url: str = self.started
+
+    def reset(self) -> float:
+        """Forget recorded calls; the STS process's CPU seconds so far."""
+        cpu: float = self._ask("reset")
+        return cpu
+
+    def report(self) -> dict[str, Any]:
+        report: dict[str, Any] = self._ask("report")
+        return report
 
 
 # -- one round -------------------------------------------------------------------------------

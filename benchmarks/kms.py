@@ -55,9 +55,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import multiprocessing
 import os
 import platform
 import statistics
@@ -74,11 +72,11 @@ sys.path.insert(0, str(HERE.parent / "tests"))  # servers.kms (moto's KMS), in t
 
 import botocore  # noqa: E402
 import botocore.session  # noqa: E402
-from burst import ISSUER, RemoteSTS, _timeit, percentile, run_round  # noqa: E402
+from burst import ISSUER, RemoteProcess, RemoteSTS, _timeit, percentile, run_round  # noqa: E402
 
-from servers.moto import TEST_CREDENTIALS  # noqa: E402
+from servers.moto import fake_session  # noqa: E402
 from stscreds import KMSSigningKey, SigningKey, SystemClock  # noqa: E402
-from stscreds._exchange import _step_off_gate, _step_on_gate  # noqa: E402
+from stscreds._exchange import OFF_GATE_AT, ON_GATE_AT, _step_off_gate, _step_on_gate  # noqa: E402
 from stscreds._signing import TokenMinter  # noqa: E402
 
 REGION = "eu-west-1"
@@ -98,7 +96,8 @@ def _serve_kms(conn: Connection, region: str, latency: float) -> None:
     conn.send((kms.url, arn))
     try:
         while True:
-            command, *args = conn.recv()
+            message = conn.recv()
+            command, *args = message if isinstance(message, tuple) else (message,)
             if command == "reset":
                 with kms._state:
                     kms.calls.clear()
@@ -122,63 +121,32 @@ def _serve_kms(conn: Connection, region: str, latency: float) -> None:
         conn.close()
 
 
-class RemoteKMS:
+class RemoteKMS(RemoteProcess):
     """A LocalKMS in a spawned process; ``url`` and ``key_arn``: its endpoint and its key."""
 
     def __init__(self, latency: float) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe()
-        self._process = context.Process(
-            target=_serve_kms, args=(child, REGION, latency), name="kms-bench-kms", daemon=True
-        )
-        self._process.start()
-        child.close()
+        super().__init__(_serve_kms, (REGION, latency), "kms-bench-kms", 120)
         self.latency = latency
-        if not self._conn.poll(120):
-            self.stop()
-            raise RuntimeError("the KMS process did not start within 120 s")
-        self.url, self.key_arn = self._conn.recv()
-
-    def _ask(self, *command: Any) -> Any:
-        self._conn.send(command)
-        return self._conn.recv()
+        self.url, self.key_arn = self.started
 
     def reset(self) -> float:
         """Forget counted calls; the KMS process's CPU seconds so far."""
-        cpu: float = self._ask("reset")
+        cpu: float = self._ask(("reset",))
         return cpu
 
     def report(self) -> dict[str, Any]:
-        report: dict[str, Any] = self._ask("report")
+        report: dict[str, Any] = self._ask(("report",))
         return report
 
     def set_delay(self, seconds: float) -> None:
-        self._ask("delay", seconds)
-
-    def session(self) -> botocore.session.Session:
-        """A botocore session with moto's fake credentials (none of the host's)."""
-        session = botocore.session.Session()
-        session.set_credentials(
-            access_key=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-            secret_key=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-        )
-        return session
+        self._ask(("delay", seconds))
 
     def signing_key(self) -> KMSSigningKey:
         key = SigningKey.from_kms(
-            self.key_arn, region=REGION, endpoint_url=self.url, session=self.session()
+            self.key_arn, region=REGION, endpoint_url=self.url, session=fake_session()
         )
         assert isinstance(key, KMSSigningKey), key
         return key
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError):  # the process is gone already
-            self._conn.send(("stop",))
-        self._process.join(10)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
-        self._conn.close()
 
 
 def serialised(key: KMSSigningKey) -> KMSSigningKey:
@@ -189,8 +157,8 @@ def serialised(key: KMSSigningKey) -> KMSSigningKey:
     goes out, across every identity of the burst.
     """
     events = key._client.meta.events
-    events.unregister("before-send.kms.Sign", _step_off_gate)
-    events.unregister("before-parse.kms.Sign", _step_on_gate)
+    events.unregister(f"{OFF_GATE_AT}.kms.Sign", _step_off_gate)
+    events.unregister(f"{ON_GATE_AT}.kms.Sign", _step_on_gate)
     return key
 
 

@@ -9,7 +9,6 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import jwt
@@ -475,17 +474,9 @@ def test_check_trust_policy_usage_errors_exit_2(tmp_path: Path, args: list[str])
 
 
 @pytest.fixture
-def moto_iam() -> Iterator[str]:
-    """moto's server on 127.0.0.1 (a free port), for IAM; stopped after the test."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
+def moto_iam(moto_sts: str) -> str:
+    """moto's server on 127.0.0.1 (conftest's, for the session): it answers IAM too."""
+    return moto_sts
 
 
 # Fake credentials for moto, and no shared config or credentials file of the user's.

@@ -785,6 +785,10 @@ def _step_on_gate(**kwargs: Any) -> None:
         gate.enter()
 
 
+#: The botocore events between which a remote signer's call is off the gate.
+OFF_GATE_AT, ON_GATE_AT = "before-sign", "before-parse"
+
+
 def off_gate_on_the_wire(client: BaseClient, event: str) -> None:
     """Make ``client`` (a botocore client called while a token is minted, e.g. KMS ``Sign``)
     leave the exchange's gate while its request ``event`` (``"kms.Sign"``) is signed and on
@@ -794,8 +798,8 @@ def off_gate_on_the_wire(client: BaseClient, event: str) -> None:
     is off the gate too: that is when botocore fetches or refreshes the client's own AWS
     credentials (IMDS, the container endpoint: a network call of its own).
     """
-    client.meta.events.register(f"before-sign.{event}", _step_off_gate)
-    client.meta.events.register(f"before-parse.{event}", _step_on_gate)
+    client.meta.events.register(f"{OFF_GATE_AT}.{event}", _step_off_gate)
+    client.meta.events.register(f"{ON_GATE_AT}.{event}", _step_on_gate)
 
 
 def step_off_gate() -> None:

@@ -14,10 +14,20 @@ from typing import Any
 
 import botocore.session
 
-__all__ = ["TEST_CREDENTIALS", "MotoServer"]
+__all__ = ["TEST_CREDENTIALS", "MotoServer", "fake_session"]
 
 # Fake credentials for moto (it checks none), also given to worker processes.
 TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+def fake_session() -> botocore.session.Session:
+    """A botocore session with moto's fake credentials (none of the host's)."""
+    session = botocore.session.Session()
+    session.set_credentials(
+        access_key=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        secret_key=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    )
+    return session
 
 
 class MotoServer:
@@ -63,12 +73,7 @@ class MotoServer:
 
     def session(self) -> botocore.session.Session:
         """A botocore session with moto's fake credentials (none of the host's)."""
-        session = botocore.session.Session()
-        session.set_credentials(
-            access_key=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-            secret_key=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-        )
-        return session
+        return fake_session()
 
     def _count(self, environ: dict[str, Any]) -> str:
         """Count the call; returns its operation name."""
