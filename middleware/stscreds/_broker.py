@@ -47,7 +47,7 @@ from ._metrics import (
 )
 from ._roles import Role, identity_key
 from ._shared import SharedTier, StoreStats
-from ._signing import KeySource, KeySourcePoller, SigningKey, TokenMinter
+from ._signing import KeySource, KeySourcePoller, SigningKey, TokenMinter, check_ring
 from ._telemetry import Tracing
 from .stores import CredentialStore
 
@@ -411,13 +411,7 @@ class CredentialBroker:
         ring set here whenever the two differ.
         """
         old = self._minter
-        minter = TokenMinter(
-            issuer=old.issuer,
-            audience=old.audience,
-            keys=signing_keys,
-            token_ttl=old.token_ttl,
-            clock=old.clock,
-        )
+        minter = old.with_keys(signing_keys)
         self._minter = minter
         signing = minter.keys[0].kid
         if signing not in {k.kid for k in old.keys}:
@@ -459,13 +453,7 @@ class CredentialBroker:
             return False
         try:
             # Validated first: a ring of anything but SigningKeys is refused, not compared.
-            TokenMinter(
-                issuer=self._minter.issuer,
-                audience=self._minter.audience,
-                keys=ring,
-                token_ttl=self._minter.token_ttl,
-                clock=self._minter.clock,
-            )
+            check_ring(ring)
         except ValueError as error:  # stscreds' own validation: says what is wrong, no secret
             logger.warning(
                 "signing key source returned a ring that was refused (%s); keeping the "

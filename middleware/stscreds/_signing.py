@@ -197,6 +197,22 @@ def validate_issuer(issuer: str) -> str:
     return issuer.rstrip("/")
 
 
+def check_ring(keys: object) -> tuple[SigningKey, ...]:
+    """``keys`` as a key ring, or ValueError naming ``signing_keys``: a non-empty sequence of
+    SigningKey with distinct kids."""
+    if isinstance(keys, SigningKey) or not isinstance(keys, Iterable):
+        raise ValueError("signing_keys: must be a non-empty sequence of SigningKey")
+    ring = tuple(keys)
+    if not ring:
+        raise ValueError("signing_keys: must be a non-empty sequence of SigningKey")
+    if not all(isinstance(k, SigningKey) for k in ring):
+        raise ValueError("signing_keys: every item must be a SigningKey")
+    kids = [k.kid for k in ring]
+    if len(set(kids)) != len(kids):
+        raise ValueError("signing_keys: two keys share a kid")
+    return ring
+
+
 class TokenMinter:
     """Mints short-lived JWTs for one issuer and audience, and publishes its keys."""
 
@@ -214,16 +230,7 @@ class TokenMinter:
         self.issuer = validate_issuer(issuer)
         if not isinstance(audience, str) or not audience:
             raise ValueError("audience: must be a non-empty string")
-        if isinstance(keys, SigningKey) or not isinstance(keys, Iterable):
-            raise ValueError("signing_keys: must be a non-empty sequence of SigningKey")
-        keys = tuple(keys)
-        if not keys:
-            raise ValueError("signing_keys: must be a non-empty sequence of SigningKey")
-        if not all(isinstance(k, SigningKey) for k in keys):
-            raise ValueError("signing_keys: every item must be a SigningKey")
-        kids = [k.kid for k in keys]
-        if len(set(kids)) != len(kids):
-            raise ValueError("signing_keys: two keys share a kid")
+        ring = check_ring(keys)
         if (
             isinstance(token_ttl, bool)
             or not isinstance(token_ttl, int)
@@ -231,9 +238,19 @@ class TokenMinter:
         ):
             raise ValueError("token_ttl: must be an integer from 60 to 3600 seconds")
         self.audience = audience
-        self.keys = tuple(keys)
+        self.keys = ring
         self.token_ttl = token_ttl
         self.clock = clock
+
+    def with_keys(self, keys: Sequence[SigningKey]) -> TokenMinter:
+        """This minter with another key ring (validated like the constructor's)."""
+        return TokenMinter(
+            issuer=self.issuer,
+            audience=self.audience,
+            keys=keys,
+            token_ttl=self.token_ttl,
+            clock=self.clock,
+        )
 
     def mint(self, subject: str, claims: Mapping[str, Any] | None = None) -> str:
         """Return a signed JWT for ``subject`` carrying the extra ``claims``.
